@@ -1,0 +1,392 @@
+"""Loading and saving checkpoints in the official layouts.
+
+Accepted: an official release folder (``config.json`` + ``diffusion_pytorch_model.safetensors``),
+the parent folder holding ``vae3d/``, ``vae3d_v1-1/`` or ``vae3d_sd3/``, or one ``.safetensors``
+file with the official key names, optionally under a common prefix (``first_stage_model.``,
+``vae.``, ...). The variant and architecture come from key names and shapes, never from file
+names. Pickle files (``.ckpt/.pt/.pth/.bin``) are refused unless ``allow_pickle=True``, and then
+read with ``torch.load(weights_only=True)``.
+
+Internally modules carry the SD variant's names; SD3 keys are translated on load and save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .config import CVVAEConfig
+from .errors import (CheckpointCorruptError, CheckpointKeyError, CheckpointNotFoundError, ForeignCheckpointError,
+                     PickleRefusedError)
+from .model import CVVAE
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+RELEASE_SUBFOLDERS = ("vae3d", "vae3d_v1-1", "vae3d_sd3")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+ANCHOR = "encoder.conv_in.weight"
+OFFICIAL_CLASS = {"sd": "CVVAEModel", "sd3": "CVVAESD3Model"}
+
+
+# Key translation (SD3 official names <-> internal names) ------------------------------------
+def _sd3_to_internal_name(key: str, num_levels: int) -> str:
+    def up_level(m):
+        return f"decoder.up.{num_levels - 1 - int(m.group(1))}."
+
+    rules = [
+        (r"^decoder\.up_blocks\.(\d+)\.", up_level),
+        (r"^encoder\.down_blocks\.(\d+)\.", lambda m: f"encoder.down.{m.group(1)}."),
+        (r"\.resnets\.(\d+)\.", lambda m: f".block.{m.group(1)}."),
+        (r"\.downsamplers\.0\.", lambda m: ".downsample."),
+        (r"\.upsamplers\.0\.", lambda m: ".upsample."),
+        (r"\.mid_block\.block\.0\.", lambda m: ".mid.block_1."),
+        (r"\.mid_block\.block\.1\.", lambda m: ".mid.block_2."),
+        (r"\.mid_block\.attentions\.0\.", lambda m: ".mid.attn_1."),
+        (r"\.attn_1\.group_norm\.", lambda m: ".attn_1.norm."),
+        (r"\.attn_1\.to_([qkv])\.", lambda m: f".attn_1.{m.group(1)}."),
+        (r"\.attn_1\.to_out\.0\.", lambda m: ".attn_1.proj_out."),
+        (r"\.conv_shortcut\.", lambda m: ".nin_shortcut."),
+        (r"\.conv_norm_out\.", lambda m: ".norm_out."),
+    ]
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _internal_to_sd3_name(key: str, num_levels: int) -> str:
+    rules = [
+        (r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}."),
+        (r"^encoder\.down\.(\d+)\.", lambda m: f"encoder.down_blocks.{m.group(1)}."),
+        (r"\.block\.(\d+)\.", lambda m: f".resnets.{m.group(1)}."),
+        (r"\.downsample\.", lambda m: ".downsamplers.0."),
+        (r"\.upsample\.", lambda m: ".upsamplers.0."),
+        (r"\.mid\.block_1\.", lambda m: ".mid_block.resnets.0."),
+        (r"\.mid\.block_2\.", lambda m: ".mid_block.resnets.1."),
+        (r"\.mid\.attn_1\.norm\.", lambda m: ".mid_block.attentions.0.group_norm."),
+        (r"\.mid\.attn_1\.([qkv])\.", lambda m: f".mid_block.attentions.0.to_{m.group(1)}."),
+        (r"\.mid\.attn_1\.proj_out\.", lambda m: ".mid_block.attentions.0.to_out.0."),
+        (r"\.nin_shortcut\.", lambda m: ".conv_shortcut."),
+        (r"^(encoder|decoder)\.norm_out\.", lambda m: f"{m.group(1)}.conv_norm_out."),
+    ]
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _is_attn_projection(internal_key: str) -> bool:
+    return bool(re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", internal_key))
+
+
+def to_internal(sd: dict, cfg: CVVAEConfig) -> dict:
+    """Official state dict of ``cfg.variant`` -> state dict of :class:`CVVAE` (same tensors)."""
+    if cfg.variant == "sd":
+        return dict(sd)
+    out = {}
+    for key, t in sd.items():
+        name = _sd3_to_internal_name(key, cfg.num_levels)
+        # SD3 stores attention projections as Linear [C, C] and shortcuts as 2-D 1x1 convs.
+        if _is_attn_projection(name) and t.dim() == 2:
+            t = t[:, :, None, None]
+        elif name.endswith("nin_shortcut.weight") and t.dim() == 4:
+            t = t[..., None]
+        out[name] = t
+    return out
+
+
+def to_official(sd: dict, cfg: CVVAEConfig) -> dict:
+    """State dict of :class:`CVVAE` -> the official layout of ``cfg.variant``."""
+    if cfg.variant == "sd":
+        return dict(sd)
+    out = {}
+    for name, t in sd.items():
+        if _is_attn_projection(name):
+            t = t.flatten(1)
+        elif name.endswith("nin_shortcut.weight"):
+            t = t[..., 0]
+        out[_internal_to_sd3_name(name, cfg.num_levels)] = t
+    return out
+
+
+# Recognising what a state dict holds ------------------------------------------------------
+def strip_prefix(keys) -> str:
+    """The prefix in front of ``encoder.conv_in.weight`` (``''`` if none; ``None`` if absent)."""
+    hits = sorted((k[: -len(ANCHOR)] for k in keys if k.endswith(ANCHOR)), key=len)
+    return hits[0] if hits else None
+
+
+def describe_foreign(keys) -> str:
+    """A short human description of a state dict that is not a CV-VAE."""
+    keys = list(keys)
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "a diffusion model checkpoint (UNet weights), not a VAE"
+    if any("decoder.mid.block_1.mix_factor" in k for k in keys):
+        return "the SVD image VAE with a temporal decoder, not CV-VAE"
+    if any(k.startswith(("taesd_", "encoder.layers", "decoder.layers")) or k.startswith("decoder.22.") for k in keys):
+        return "a tiny autoencoder (TAESD/TAEHV), not CV-VAE"
+    if any("middle.0.residual" in k for k in keys):
+        return "a Wan video VAE, not CV-VAE"
+    if any(k.startswith(("text_model.", "transformer.", "conditioner.")) for k in keys):
+        return "a text/vision encoder or transformer checkpoint, not a VAE"
+    sample = ", ".join(sorted(keys)[:4])
+    return f"not a CV-VAE checkpoint (no encoder.conv_in.weight; keys look like: {sample})"
+
+
+def detect_config(shapes: dict[str, tuple], hints: dict | None = None) -> CVVAEConfig:
+    """Infer the architecture from official key names and shapes (prefix already removed).
+
+    ``hints`` may carry what shapes cannot tell (``norm_groups``, scaling factors), from a
+    ``config.json`` or the file's metadata."""
+    hints = hints or {}
+    conv_in = shapes.get(ANCHOR)
+    if conv_in is None:
+        raise ForeignCheckpointError(f"This file is {describe_foreign(shapes)}.")
+    if len(conv_in) == 4:
+        z = shapes.get("decoder.conv_in.weight", (0, 0))[1]
+        family = {4: "SD1.x/2.x/SDXL", 16: "SD3/Flux"}.get(z, "2-D")
+        raise ForeignCheckpointError(
+            f"This is a {family} image VAE (2-D convolutions, {z} latent channels), not CV-VAE. Load it with "
+            "ComfyUI's 'Load VAE', or build a CV-VAE from it with `python -m cvvae_core inflate IMAGE_VAE OUT`.")
+    if "encoder.down.0.block.0.conv1.weight" in shapes:
+        variant, level_key = "sd", "encoder.down.{}.block.{}.conv1.weight"
+    elif "encoder.down_blocks.0.resnets.0.conv1.weight" in shapes:
+        variant, level_key = "sd3", "encoder.down_blocks.{}.resnets.{}.conv1.weight"
+    else:
+        raise ForeignCheckpointError(
+            "This is a 3-D video VAE of another family (its encoder has no down.*.block.* or "
+            "down_blocks.*.resnets.* layers), not CV-VAE.")
+    if len(shapes.get("encoder.down.0.block.0.conv1.weight", shapes.get(
+            "encoder.down_blocks.0.resnets.0.conv1.weight"))) != 5:
+        raise ForeignCheckpointError("Its ResNet convolutions are 2-D: an image VAE, not CV-VAE.")
+    base = conv_in[0]
+    levels = 0
+    while level_key.format(levels, 0) in shapes:
+        levels += 1
+    blocks = 0
+    while level_key.format(0, blocks) in shapes:
+        blocks += 1
+    mult = tuple(shapes[level_key.format(i, 0)][0] // base for i in range(levels))
+    latent = shapes["decoder.conv_in.weight"][1] if "decoder.conv_in.weight" in shapes else conv_in[0]
+    defaults = {"sd": (0.18215, 0.0), "sd3": (1.5305, 0.0609)}[variant] if latent in (4, 16) else (1.0, 0.0)
+    try:
+        return CVVAEConfig(
+            variant=variant, latent_channels=latent, in_channels=conv_in[1], base_channels=base,
+            channel_mult=mult, blocks_per_level=blocks, norm_groups=int(hints.get("norm_groups", 32)),
+            scaling_factor=float(hints.get("scaling_factor", defaults[0])),
+            shift_factor=float(hints.get("shift_factor", defaults[1])))
+    except ValueError as e:
+        raise CheckpointKeyError(f"Inconsistent CV-VAE shapes: {e}") from None
+
+
+def _hints_from_config_json(cfg: dict) -> dict:
+    hints = {}
+    if "norm_num_groups" in cfg:
+        hints["norm_groups"] = cfg["norm_num_groups"]
+    for name in ("scaling_factor", "shift_factor"):
+        if cfg.get(name) is not None:
+            hints[name] = cfg[name]
+    return hints
+
+
+# Reading files -----------------------------------------------------------------------------
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head.lstrip()[:1] == b"<":
+        return "html"
+    return "unknown"
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        size = path.stat().st_size
+        raise CheckpointCorruptError(
+            f"{path.name} ({size:,} bytes) is not a readable safetensors file: {e}. The file is "
+            "probably truncated or corrupt (an interrupted download?); download it again.") from None
+
+
+def _read_pickle(path: Path) -> dict:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds here; the message is what matters
+        raise CheckpointCorruptError(
+            f"{path.name} could not be read as a weights-only PyTorch checkpoint: {str(e).splitlines()[0]}. "
+            "Files that need full unpickling are not supported; convert to .safetensors.") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointCorruptError(f"{path.name} does not hold a flat state dict of tensors.")
+    return obj
+
+
+def resolve_path(path, subfolder: str | None = None) -> tuple[Path, dict]:
+    """The weights file for ``path`` and the parsed ``config.json`` next to it (or ``{}``)."""
+    path = Path(os.fspath(path)).expanduser()
+    if not path.exists():
+        raise CheckpointNotFoundError(f"No such file or folder: {path}")
+    if path.is_dir():
+        if subfolder:
+            path = path / subfolder
+        weights = [path / WEIGHTS_NAME, path / "diffusion_pytorch_model.bin"]
+        found = next((w for w in weights if w.exists()), None)
+        if found is None:
+            subs = sorted(d.name for d in path.iterdir() if d.is_dir() and any((d / w.name).exists() for w in weights))
+            if len(subs) == 1:
+                return resolve_path(path / subs[0])
+            if subs:
+                raise CheckpointNotFoundError(
+                    f"{path} holds several models ({', '.join(subs)}); pass one of these folders, e.g. "
+                    f"{path / subs[0]} (or subfolder='{subs[0]}').")
+            raise CheckpointNotFoundError(
+                f"{path} holds no {WEIGHTS_NAME} and none of the release folders {RELEASE_SUBFOLDERS}.")
+        config_file = path / "config.json"
+        config = {}
+        if config_file.exists():
+            try:
+                config = json.loads(config_file.read_text())
+            except (ValueError, OSError) as e:
+                raise CheckpointCorruptError(f"{config_file} is not valid JSON: {e}") from None
+        return found, config
+    return path, {}
+
+
+def read_state_dict(path, allow_pickle: bool = False, subfolder: str | None = None) -> tuple[dict, dict]:
+    """(state dict with the official keys, hints) from any accepted path; the prefix is removed."""
+    file, config_json = resolve_path(path, subfolder)
+    kind = _sniff(file)
+    suffix = file.suffix.lower()
+    if kind == "empty":
+        raise CheckpointCorruptError(f"{file} is empty (0 bytes); download it again.")
+    if kind == "html":
+        raise CheckpointCorruptError(f"{file.name} is an HTML page, not weights: the download saved an error "
+                                     "or login page. Download the file itself again.")
+    if suffix in PICKLE_SUFFIXES or kind == "pickle":
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"{file.name} is a pickle-based checkpoint, which can run code when loaded. Use the "
+                ".safetensors release, or pass allow_pickle=True (loaded with torch.load(weights_only=True)).")
+        sd, metadata = _read_pickle(file), {}
+    elif kind == "safetensors" or suffix in SAFETENSORS_SUFFIXES:
+        sd, metadata = _read_safetensors(file)
+    else:
+        raise CheckpointCorruptError(f"{file.name} is neither a safetensors nor a PyTorch checkpoint.")
+    if not sd:
+        raise CheckpointCorruptError(f"{file.name} holds no tensors.")
+    prefix = strip_prefix(sd)
+    if prefix is None:
+        raise ForeignCheckpointError(f"{file.name} is {describe_foreign(sd)}.")
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    hints = _hints_from_config_json(config_json)
+    if "cvvae_config" in metadata:
+        try:
+            hints.update(json.loads(metadata["cvvae_config"]))
+        except ValueError:
+            pass
+    return sd, hints
+
+
+def _check_keys(model_sd: dict, sd: dict, cfg: CVVAEConfig, source: str):
+    missing = sorted(set(model_sd) - set(sd))
+    unexpected = sorted(set(sd) - set(model_sd))
+    shaped = sorted(k for k in set(sd) & set(model_sd) if tuple(sd[k].shape) != tuple(model_sd[k].shape))
+    if not (missing or unexpected or shaped):
+        return
+    official = lambda keys: [_internal_to_sd3_name(k, cfg.num_levels) if cfg.variant == "sd3" else k for k in keys]
+    lines = [f"{source} does not match the CV-VAE {cfg.variant} layout it resembles:"]
+    if missing:
+        lines.append(f"  {len(missing)} missing, e.g. {', '.join(official(missing[:5]))}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected, e.g. {', '.join(official(unexpected[:5]))}")
+    if shaped:
+        lines.append("  {} with the wrong shape, e.g. {}".format(len(shaped), ", ".join(
+            f"{k}: file {list(sd[k].shape)} vs model {list(model_sd[k].shape)}" for k in shaped[:3])))
+    if any("quant_conv" in k for k in unexpected):
+        lines.append("  It has quant_conv/post_quant_conv layers, as a 2-D SD image VAE does: it is not a CV-VAE "
+                     "(CV-VAE releases have none).")
+    lines.append("  Use an unmodified vae3d / vae3d_v1-1 / vae3d_sd3 release file.")
+    raise CheckpointKeyError("\n".join(lines))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU; bf16 on CUDA where supported, else fp16."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def build_model(sd: dict, hints: dict | None = None, source: str = "checkpoint",
+                device=None, dtype=None) -> CVVAE:
+    """A :class:`CVVAE` holding the official-layout state dict ``sd``."""
+    cfg = detect_config({k: tuple(v.shape) for k, v in sd.items()}, hints)
+    with torch.device("meta"):
+        model = CVVAE(cfg)
+    internal = to_internal(sd, cfg)
+    _check_keys(model.state_dict(), internal, cfg, source)
+    model.load_state_dict(internal, strict=True, assign=True)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or default_dtype(device)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_model(path, device=None, dtype=None, *, allow_pickle: bool = False, subfolder: str | None = None) -> CVVAE:
+    """Load a CV-VAE from a release folder, its parent, or a single weights file.
+
+    ``dtype`` defaults to fp32 on CPU and bf16 (fp16 where bf16 is unsupported) on CUDA.
+    """
+    sd, hints = read_state_dict(path, allow_pickle=allow_pickle, subfolder=subfolder)
+    return build_model(sd, hints, source=Path(os.fspath(path)).name, device=device, dtype=dtype)
+
+
+def official_config_json(cfg: CVVAEConfig) -> dict:
+    """A ``config.json`` in the official diffusers style for ``cfg``."""
+    common = {"_class_name": OFFICIAL_CLASS[cfg.variant], "in_channels": cfg.in_channels, "double_z": True,
+              "causal_encoder": True, "causal_decoder": False, "half_3d": True, "en_de_n_frames_a_time": 16,
+              "time_n_compress": cfg.time_compression, "spatial_n_compress": cfg.spatial_compression,
+              "tile_spatial_size": 576, "tile_overlap_ratio": 0.2222}
+    if cfg.variant == "sd":
+        arch = {"ch": cfg.base_channels, "ch_mult": list(cfg.channel_mult), "num_res_blocks": cfg.blocks_per_level,
+                "z_channels": cfg.latent_channels, "out_ch": cfg.in_channels, "attn_resolutions": [],
+                "use_3d_conv": True, "encoder_attn_type": "vanilla-xformers",
+                "decoder_attn_type": "spatial-temporal-xformer", "scaling_factor": cfg.scaling_factor}
+    else:
+        arch = {"out_channels": cfg.latent_channels, "block_out_channels": list(cfg.level_channels),
+                "down_block_types": ["DownEncoderBlock3D"] * cfg.num_levels,
+                "up_block_types": ["UpDecoderBlock3D"] * cfg.num_levels, "layers_per_block": cfg.blocks_per_level,
+                "act_fn": "silu", "mid_block_add_attention": True}
+    arch["norm_num_groups"] = cfg.norm_groups
+    return {**common, **arch}
+
+
+def save_model(model: CVVAE, path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` in the official layout: a ``.safetensors`` path gives one file; any other
+    path gives a release folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    sd = to_official(model.state_dict(), cfg)
+    sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items()}
+    metadata = {"format": "pt", "cvvae_variant": cfg.variant, "cvvae_config": json.dumps(cfg.to_dict())}
+    path = Path(os.fspath(path))
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(path), metadata=metadata)
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(official_config_json(cfg), indent=2))
+    save_file(sd, str(path / WEIGHTS_NAME), metadata=metadata)
+    return path

@@ -1,0 +1,98 @@
+"""Model configuration: one dataclass, and the released configurations as named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+VARIANTS = ("sd", "sd3")
+
+
+@dataclass(frozen=True)
+class CVVAEConfig:
+    """Architecture of a CV-VAE.
+
+    ``variant`` selects the key layout and the numerical flavour of the official code:
+
+    * ``"sd"`` (releases ``vae3d`` and ``vae3d_v1-1``, class ``CVVAEModel``): GroupNorm eps 1e-5,
+      zero spatial padding, a temporal attention branch in the decoder mid-block.
+    * ``"sd3"`` (release ``vae3d_sd3``, class ``CVVAESD3Model``): GroupNorm eps 1e-6, replicate
+      padding in every 3-D convolution, no temporal attention.
+
+    The latent scale/shift are those of the *image* VAE whose latent space CV-VAE shares. They are
+    metadata only: ``encode``/``decode`` work in the raw (unscaled) latent space, as the official
+    code does; diffusion pipelines apply ``(z - shift) * scale`` themselves.
+    """
+
+    variant: str = "sd"
+    latent_channels: int = 4
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    blocks_per_level: int = 2  # encoder; each decoder level has one more, as in the official code
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        for ch in self.level_channels:
+            if ch % self.norm_groups:
+                raise ValueError(f"channels {ch} not divisible by norm_groups {self.norm_groups}")
+
+    # Derived properties -------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mult)
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * m for m in self.channel_mult)
+
+    @property
+    def norm_eps(self) -> float:
+        return 1e-5 if self.variant == "sd" else 1e-6
+
+    @property
+    def spatial_padding(self) -> str:
+        """Padding mode of the 3-D convolutions in H and W: ``constant`` (zeros) or ``replicate``."""
+        return "constant" if self.variant == "sd" else "replicate"
+
+    @property
+    def temporal_attention(self) -> bool:
+        return self.variant == "sd"
+
+    def time_resampled(self, level: int) -> bool:
+        """Levels 0, 2, ... (never the last) halve time in the encoder and double it in the decoder."""
+        return level % 2 == 0 and level != self.num_levels - 1
+
+    @property
+    def time_compression(self) -> int:
+        return 2 ** sum(self.time_resampled(i) for i in range(self.num_levels))
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (self.num_levels - 1)
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames for ``frames`` input frames (exact for frames = 1 + 4k)."""
+        return 1 + (frames - 1) // self.time_compression
+
+    def video_frames(self, latent_frames: int) -> int:
+        return 1 + (latent_frames - 1) * self.time_compression
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CVVAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+#: The released configurations (the official constructor defaults, see the official
+#: ``models/modeling_vae.py``). ``vae3d_v1-1`` shares the architecture of ``vae3d``.
+SD = CVVAEConfig(variant="sd", latent_channels=4, scaling_factor=0.18215, shift_factor=0.0)
+SD3 = CVVAEConfig(variant="sd3", latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
+PRESETS: dict[str, CVVAEConfig] = {"vae3d": SD, "vae3d_v1-1": SD, "vae3d_sd3": SD3}

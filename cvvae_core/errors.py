@@ -1,0 +1,49 @@
+"""Typed errors. Every message says what was found and what to do about it."""
+
+
+class CVVAEError(Exception):
+    """Base class of every error raised by cvvae_core."""
+
+
+class CheckpointError(CVVAEError):
+    """A checkpoint could not be used."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The path does not exist or holds no recognisable checkpoint."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """The file is truncated, corrupt or not in the format its name claims."""
+
+
+class PickleRefusedError(CheckpointError):
+    """A pickle-based checkpoint (.ckpt/.pt/.bin/.pth) was given without allow_pickle=True."""
+
+
+class ForeignCheckpointError(CheckpointError):
+    """The file is a valid checkpoint of some other model (an image VAE, a UNet, ...)."""
+
+
+class CheckpointKeyError(CheckpointError):
+    """Missing, unexpected or mis-shaped keys for the detected CV-VAE variant."""
+
+
+class InputError(CVVAEError, ValueError):
+    """A video or latent tensor that the model cannot take as it is."""
+
+
+class FrameCountError(InputError):
+    """Frame count not of the form 1+4k, or height/width not a multiple of 8."""
+
+
+class ChannelMismatchError(InputError):
+    """A latent with the wrong number of channels for this model (4 = SD, 16 = SD3)."""
+
+
+class OutOfMemoryError(CVVAEError, RuntimeError):
+    """The device ran out of memory even at the smallest tile/chunk size."""
+
+
+class CancelledError(CVVAEError):
+    """The caller's cancellation check asked to stop."""

@@ -1,0 +1,180 @@
+"""The CV-VAE encoder, decoder and the public model class.
+
+Module names follow the official SD-variant (``vae3d``) state dict, so its checkpoints load
+key for key; the SD3 variant's names are translated in :mod:`cvvae_core.checkpoint`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import frames as frame_rules
+from .config import CVVAEConfig
+from .layers import CausalConv3d, Downsample, MidBlock, ResnetBlock, Upsample, decoder_conv3d, group_norm
+
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+class Encoder(nn.Module):
+    """Video [B, 3, 1+4k, H, W] -> posterior moments [B, 2*C, 1+k, H/8, W/8] (mean, logvar)."""
+
+    def __init__(self, cfg: CVVAEConfig):
+        super().__init__()
+        chans = cfg.level_channels
+        self.conv_in = CausalConv3d(cfg.in_channels, chans[0], 3, cfg)
+        self.down = nn.ModuleList()
+        cin = chans[0]
+        for level, ch in enumerate(chans):
+            stage = nn.Module()
+            stage.block = nn.ModuleList(
+                ResnetBlock(cin if j == 0 else ch, ch, causal=True, cfg=cfg) for j in range(cfg.blocks_per_level))
+            if level != cfg.num_levels - 1:
+                stage.downsample = Downsample(ch, cfg.time_resampled(level), cfg)
+            self.down.append(stage)
+            cin = ch
+        self.mid = MidBlock(cin, causal=True, cfg=cfg, temporal=False)
+        self.norm_out = group_norm(cin, cfg)
+        self.conv_out = CausalConv3d(cin, 2 * cfg.latent_channels, 3, cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.down:
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent [B, C, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w] (unclamped)."""
+
+    def __init__(self, cfg: CVVAEConfig):
+        super().__init__()
+        chans = cfg.level_channels
+        cin = chans[-1]
+        self.conv_in = decoder_conv3d(cfg.latent_channels, cin, 3, cfg)
+        self.mid = MidBlock(cin, causal=False, cfg=cfg, temporal=cfg.temporal_attention)
+        stages = []
+        for level in reversed(range(cfg.num_levels)):
+            ch = chans[level]
+            stage = nn.Module()
+            stage.block = nn.ModuleList(
+                ResnetBlock(cin if j == 0 else ch, ch, causal=False, cfg=cfg)
+                for j in range(cfg.blocks_per_level + 1))
+            if level != 0:
+                stage.upsample = Upsample(ch, cfg.time_resampled(level - 1), cfg)
+            stages.insert(0, stage)
+            cin = ch
+        # Indexed by level (0 = full resolution) as in the official state dict; run from the top.
+        self.up = nn.ModuleList(stages)
+        self.norm_out = group_norm(cin, cfg)
+        self.conv_out = decoder_conv3d(cin, cfg.in_channels, 3, cfg)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for stage in reversed(self.up):
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class CVVAE(nn.Module):
+    """A CV-VAE: 8x spatial, 4x temporal compression; latents share the image VAE's space.
+
+    ``encode``/``decode`` take and return video in [-1, 1], layout ``[B, 3, T, H, W]``, and raw
+    (unscaled) latents ``[B, C, 1+k, H/8, W/8]``: the space of the official ``latent_dist``.
+    ``scaling_factor``/``shift_factor`` describe the image model's latent scaling; they are never
+    applied here.
+    """
+
+    def __init__(self, config: CVVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    # Metadata ---------------------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    @property
+    def shift_factor(self) -> float:
+        return self.config.shift_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # Plain (untiled) passes: whole clip at once ------------------------------------------
+    def encode_moments(self, video: torch.Tensor) -> torch.Tensor:
+        """Raw encoder output [B, 2C, 1+k, h, w] for a validated video, no tiling."""
+        return self.encoder(video.to(self.device, self.dtype))
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Raw decoder output for a validated latent, no tiling."""
+        return self.decoder(latent.to(self.device, self.dtype))
+
+    @staticmethod
+    def split_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    # Public API -------------------------------------------------------------------------
+    def encode_distribution(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior (mean, logvar) of a [B, 3, 1+4k, H, W] video in [-1, 1]."""
+        frame_rules.check_video(video, self.config)
+        return self.split_moments(self.encode_moments(video))
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+               frame_policy: str = "error"):
+        """Encode a [B, 3, T, H, W] video in [-1, 1].
+
+        Returns the posterior mean ([B, C, 1+k, H/8, W/8]; a sample when ``sample=True``).
+        ``frame_policy`` handles T != 1+4k and H, W not multiples of 8: ``"error"`` (default)
+        raises :class:`FrameCountError`; ``"pad"`` replicates the last frame / edge pixels and
+        ``"trim"`` drops trailing frames / edge pixels. With ``pad`` or ``trim`` the result is a
+        :class:`~cvvae_core.frames.FramedLatent` that records what was changed; pass it to
+        :meth:`decode` to get the original frame count and size back (``pad``).
+        """
+        video, adjust = frame_rules.conform(video, self.config, frame_policy)
+        mean, logvar = self.split_moments(self.encode_moments(video))
+        latent = mean if not sample else sample_posterior(mean, logvar, generator)
+        return latent if frame_policy == "error" else frame_rules.FramedLatent(latent, adjust)
+
+    @torch.no_grad()
+    def decode(self, latent) -> torch.Tensor:
+        """Decode a [B, C, 1+k, h, w] latent to video [B, 3, 1+4k, 8h, 8w] (unclamped, ~[-1, 1]).
+        A :class:`FramedLatent` from ``encode(..., frame_policy="pad")`` has its padding removed."""
+        latent, adjust = frame_rules.unwrap(latent)
+        frame_rules.check_latent(latent, self.config)
+        return frame_rules.restore(self.decode_latent(latent), adjust)
+
+    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None):
+        """Training pass: (reconstruction, mean, logvar) with a sampled latent."""
+        mean, logvar = self.split_moments(self.encode_moments(video))
+        return self.decode_latent(sample_posterior(mean, logvar, generator)), mean, logvar
+
+
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None):
+    device = generator.device if generator is not None else mean.device
+    noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
