@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import frames as frame_rules
+from . import tiling as tiling_engine
 from .config import CVVAEConfig
 from .layers import CausalConv3d, Downsample, MidBlock, ResnetBlock, Upsample, decoder_conv3d, group_norm
 
@@ -145,7 +146,7 @@ class CVVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
-               frame_policy: str = "error"):
+               frame_policy: str = "error", tiling=None):
         """Encode a [B, 3, T, H, W] video in [-1, 1].
 
         Returns the posterior mean ([B, C, 1+k, H/8, W/8]; a sample when ``sample=True``).
@@ -154,19 +155,23 @@ class CVVAE(nn.Module):
         ``"trim"`` drops trailing frames / edge pixels. With ``pad`` or ``trim`` the result is a
         :class:`~cvvae_core.frames.FramedLatent` that records what was changed; pass it to
         :meth:`decode` to get the original frame count and size back (``pad``).
+        ``tiling`` (a :class:`~cvvae_core.tiling.TilingOptions`) runs the tiling/streaming engine
+        and returns the result on its ``output_device``; ``None`` runs the whole clip at once.
         """
         video, adjust = frame_rules.conform(video, self.config, frame_policy)
-        mean, logvar = self.split_moments(self.encode_moments(video))
+        moments = self.encode_moments(video) if tiling is None else tiling_engine.encode_moments(self, video, tiling)
+        mean, logvar = self.split_moments(moments)
         latent = mean if not sample else sample_posterior(mean, logvar, generator)
         return latent if frame_policy == "error" else frame_rules.FramedLatent(latent, adjust)
 
     @torch.no_grad()
-    def decode(self, latent) -> torch.Tensor:
+    def decode(self, latent, tiling=None) -> torch.Tensor:
         """Decode a [B, C, 1+k, h, w] latent to video [B, 3, 1+4k, 8h, 8w] (unclamped, ~[-1, 1]).
         A :class:`FramedLatent` from ``encode(..., frame_policy="pad")`` has its padding removed."""
         latent, adjust = frame_rules.unwrap(latent)
         frame_rules.check_latent(latent, self.config)
-        return frame_rules.restore(self.decode_latent(latent), adjust)
+        video = self.decode_latent(latent) if tiling is None else tiling_engine.decode_latent(self, latent, tiling)
+        return frame_rules.restore(video, adjust)
 
     def forward(self, video: torch.Tensor, generator: torch.Generator | None = None):
         """Training pass: (reconstruction, mean, logvar) with a sampled latent."""
