@@ -196,10 +196,10 @@ def _sniff(path: Path) -> str:
         head = f.read(16)
     if not head:
         return "empty"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
         return "safetensors"
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):  # zip or raw pickle
+        return "pickle"
     if head.lstrip()[:1] == b"<":
         return "html"
     return "unknown"

@@ -1,0 +1,166 @@
+"""Loading and saving in the official layouts, and every bad checkpoint the loader must explain."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cvvae_core
+from cvvae_core.checkpoint import to_official
+from conftest import video
+
+
+def official_sd(model):
+    return to_official(model.state_dict(), model.config)
+
+
+def assert_same_model(a, b):
+    x = video(t=5, h=16, w=24)
+    torch.testing.assert_close(a.encode(x), b.encode(x), atol=0, rtol=0)
+    assert a.config == b.config
+
+
+def test_release_folder_round_trip(tiny_model, tmp_path):
+    folder = cvvae_core.save_model(tiny_model, tmp_path / "vae3d")
+    assert (folder / "config.json").exists() and (folder / "diffusion_pytorch_model.safetensors").exists()
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["_class_name"] == {"sd": "CVVAEModel", "sd3": "CVVAESD3Model"}[tiny_model.variant]
+    assert_same_model(tiny_model, cvvae_core.load_model(folder))
+
+
+def test_file_keys_are_the_official_ones(tiny_model, tmp_path):
+    path = cvvae_core.save_model(tiny_model, tmp_path / "m.safetensors")
+    assert set(load_file(str(path))) == set(official_sd(tiny_model))
+
+
+def test_parent_folder_of_a_release(tiny_model, tmp_path):
+    cvvae_core.save_model(tiny_model, tmp_path / "release" / "vae3d_sd3")
+    assert_same_model(tiny_model, cvvae_core.load_model(tmp_path / "release"))
+
+
+def test_parent_folder_with_several_releases_asks_which(tiny_model, tmp_path):
+    cvvae_core.save_model(tiny_model, tmp_path / "release" / "vae3d")
+    cvvae_core.save_model(tiny_model, tmp_path / "release" / "vae3d_v1-1")
+    with pytest.raises(cvvae_core.CheckpointNotFoundError, match="vae3d, vae3d_v1-1"):
+        cvvae_core.load_model(tmp_path / "release")
+    assert_same_model(tiny_model, cvvae_core.load_model(tmp_path / "release", subfolder="vae3d_v1-1"))
+
+
+@pytest.mark.parametrize("prefix", ["first_stage_model.", "vae.", "model.vae."])
+def test_prefixed_single_file(tiny_model, tmp_path, prefix):
+    sd = {prefix + k: v.contiguous() for k, v in official_sd(tiny_model).items()}
+    sd["model.diffusion_model.out.0.weight"] = torch.zeros(2)  # other parts of a bundle are ignored
+    # the tiny test config uses 8 norm groups, which shapes cannot tell: keep the pack's metadata
+    save_file(sd, str(tmp_path / "bundle.safetensors"), metadata=saved_metadata(tiny_model, tmp_path))
+    assert_same_model(tiny_model, cvvae_core.load_model(tmp_path / "bundle.safetensors"))
+
+
+def saved_metadata(model, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(str(cvvae_core.save_model(model, tmp_path / "meta.safetensors")), "pt") as f:
+        return f.metadata()
+
+
+def test_fp16_file_loads_into_requested_dtype(tiny_model, tmp_path):
+    path = cvvae_core.save_model(tiny_model, tmp_path / "half.safetensors", dtype=torch.float16)
+    model = cvvae_core.load_model(path)
+    assert model.dtype == torch.float32
+    assert cvvae_core.load_model(path, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_variant_comes_from_keys_not_file_name(tiny_model, tmp_path):
+    wrong = "vae3d_sd3.safetensors" if tiny_model.variant == "sd" else "vae3d.safetensors"
+    path = cvvae_core.save_model(tiny_model, tmp_path / wrong)
+    assert cvvae_core.load_model(path).variant == tiny_model.variant
+
+
+# Bad checkpoints ---------------------------------------------------------------------------
+def _save(sd, path, metadata=None):
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return path
+
+
+def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_model, tmp_path):
+    sd = official_sd(tiny_model)
+    first = sorted(sd)[0]
+    sd.pop(first)
+    sd["decoder.extra.weight"] = torch.zeros(3)
+    shaped = "encoder.conv_out.bias"
+    sd[shaped] = torch.zeros(5)
+    with pytest.raises(cvvae_core.CheckpointKeyError) as err:
+        cvvae_core.load_model(_save(sd, tmp_path / "bad.safetensors", saved_metadata(tiny_model, tmp_path)))
+    msg = str(err.value)
+    assert "1 missing" in msg and first in msg
+    assert "1 unexpected" in msg and "decoder.extra.weight" in msg
+    assert "wrong shape" in msg and shaped in msg
+
+
+def image_vae_sd(latent=4):
+    """Key/shape skeleton of a 2-D SD image VAE in the LDM layout."""
+    return {"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3), "encoder.down.0.block.0.conv1.weight": torch.zeros(8, 8, 3, 3),
+            "decoder.conv_in.weight": torch.zeros(8, latent, 3, 3), "quant_conv.weight": torch.zeros(8, 8, 1, 1),
+            "post_quant_conv.weight": torch.zeros(latent, latent, 1, 1)}
+
+
+@pytest.mark.parametrize("latent,family", [(4, "SD1.x"), (16, "SD3")])
+def test_image_vae_is_recognised(tmp_path, latent, family):
+    sd = {"first_stage_model." + k: v for k, v in image_vae_sd(latent).items()}
+    with pytest.raises(cvvae_core.ForeignCheckpointError, match=f"{family}.*image VAE.*not CV-VAE"):
+        cvvae_core.load_model(_save(sd, tmp_path / "sd_vae.safetensors"))
+
+
+def test_unet_checkpoint_is_recognised(tmp_path):
+    sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}
+    with pytest.raises(cvvae_core.ForeignCheckpointError, match="diffusion model"):
+        cvvae_core.load_model(_save(sd, tmp_path / "unet.safetensors"))
+
+
+def test_quant_conv_hint(tiny_model, tmp_path):
+    sd = official_sd(tiny_model)
+    sd["quant_conv.weight"] = torch.zeros(8, 8, 1, 1, 1)
+    with pytest.raises(cvvae_core.CheckpointKeyError, match="quant_conv"):
+        cvvae_core.load_model(_save(sd, tmp_path / "q.safetensors", saved_metadata(tiny_model, tmp_path)))
+
+
+def test_truncated_file(tiny_model, tmp_path):
+    path = cvvae_core.save_model(tiny_model, tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(cvvae_core.CheckpointCorruptError, match="truncated or corrupt"):
+        cvvae_core.load_model(path)
+
+
+@pytest.mark.parametrize("content,match", [(b"", "empty"), (b"<!DOCTYPE html><html>Sign in</html>", "HTML"),
+                                           (b"\x07garbage-bytes-not-a-model", "truncated or corrupt")])
+def test_not_a_weights_file(tmp_path, content, match):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(cvvae_core.CheckpointCorruptError, match=match):
+        cvvae_core.load_model(path)
+
+
+def test_pickle_refused_unless_opted_in(tiny_model, tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {k: v.clone() for k, v in official_sd(tiny_model).items()}}, str(path))
+    with pytest.raises(cvvae_core.PickleRefusedError, match="allow_pickle=True"):
+        cvvae_core.load_model(path)
+    assert_same_model(tiny_model, cvvae_core.load_model(path, allow_pickle=True))
+
+
+def test_pickle_with_code_is_not_unpickled(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, str(path))
+    with pytest.raises(cvvae_core.CheckpointCorruptError, match="weights-only"):
+        cvvae_core.load_model(path, allow_pickle=True)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(cvvae_core.CheckpointNotFoundError):
+        cvvae_core.load_model(tmp_path / "nope.safetensors")
+    with pytest.raises(cvvae_core.CheckpointNotFoundError, match="holds no"):
+        cvvae_core.load_model(tmp_path)
