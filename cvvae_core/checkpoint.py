@@ -169,13 +169,11 @@ def detect_config(shapes: dict[str, tuple], hints: dict | None = None) -> CVVAEC
         blocks += 1
     mult = tuple(shapes[level_key.format(i, 0)][0] // base for i in range(levels))
     latent = shapes["decoder.conv_in.weight"][1] if "decoder.conv_in.weight" in shapes else conv_in[0]
-    defaults = {"sd": (0.18215, 0.0), "sd3": (1.5305, 0.0609)}[variant] if latent in (4, 16) else (1.0, 0.0)
     try:
         return CVVAEConfig(
             variant=variant, latent_channels=latent, in_channels=conv_in[1], base_channels=base,
             channel_mult=mult, blocks_per_level=blocks, norm_groups=int(hints.get("norm_groups", 32)),
-            scaling_factor=float(hints.get("scaling_factor", defaults[0])),
-            shift_factor=float(hints.get("shift_factor", defaults[1])))
+            scaling_factor=hints.get("scaling_factor"), shift_factor=hints.get("shift_factor"))
     except ValueError as e:
         raise CheckpointKeyError(f"Inconsistent CV-VAE shapes: {e}") from None
 

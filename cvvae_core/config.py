@@ -5,6 +5,9 @@ import dataclasses
 from dataclasses import dataclass
 
 VARIANTS = ("sd", "sd3")
+# (scale, shift) of the image VAE whose latent space each variant shares: SD's 0.18215 (the
+# official config's scaling_factor) and SD3's own VAE values, which the CV-VAE code never stores.
+IMAGE_LATENT_SCALING = {"sd": (0.18215, 0.0), "sd3": (1.5305, 0.0609)}
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,17 @@ class CVVAEConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     blocks_per_level: int = 2  # encoder; each decoder level has one more, as in the official code
     norm_groups: int = 32
-    scaling_factor: float = 0.18215
-    shift_factor: float = 0.0
+    scaling_factor: float | None = None  # None: the image VAE's value for the variant
+    shift_factor: float | None = None
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        scale, shift = IMAGE_LATENT_SCALING[self.variant]
+        if self.scaling_factor is None:
+            object.__setattr__(self, "scaling_factor", scale)
+        if self.shift_factor is None:
+            object.__setattr__(self, "shift_factor", shift)
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         for ch in self.level_channels:
             if ch % self.norm_groups:
@@ -93,6 +101,6 @@ class CVVAEConfig:
 
 #: The released configurations (the official constructor defaults, see the official
 #: ``models/modeling_vae.py``). ``vae3d_v1-1`` shares the architecture of ``vae3d``.
-SD = CVVAEConfig(variant="sd", latent_channels=4, scaling_factor=0.18215, shift_factor=0.0)
-SD3 = CVVAEConfig(variant="sd3", latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
+SD = CVVAEConfig(variant="sd", latent_channels=4)
+SD3 = CVVAEConfig(variant="sd3", latent_channels=16)
 PRESETS: dict[str, CVVAEConfig] = {"vae3d": SD, "vae3d_v1-1": SD, "vae3d_sd3": SD3}
