@@ -1,0 +1,131 @@
+"""Command line: ``python -m cvvae_core {info,reconstruct,...}``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import CVVAEError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    return None if name == "auto" else DTYPES[name]
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import build_model, read_state_dict
+
+    sd, hints = read_state_dict(args.checkpoint, allow_pickle=args.allow_pickle)
+    file_dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
+    model = build_model(sd, hints, source=Path(args.checkpoint).name, dtype=torch.float32)  # raises on bad keys
+    cfg = model.config
+    info = {
+        "variant": cfg.variant,
+        "release_family": {"sd": "vae3d / vae3d_v1-1 (SD latent space)", "sd3": "vae3d_sd3 (SD3 latent space)"}[cfg.variant],
+        "latent_channels": cfg.latent_channels,
+        "compression": f"{cfg.time_compression}x time, {cfg.spatial_compression}x space",
+        "config": cfg.to_dict(),
+        "parameters": sum(v.numel() for v in sd.values()),
+        "tensors": len(sd),
+        "file_dtype": file_dtypes,
+        "keys": "ok: every key present with the expected shape",
+        "latent_scaling": {"scale": cfg.scaling_factor, "shift": cfg.shift_factor,
+                           "note": "metadata only; encode/decode use raw latents"},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:16s} {v}")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from . import load_model, metrics
+    from .progress import TextProgress
+    from .tiling import TilingOptions
+    from .video_io import read_video, side_by_side_strip, to_model_range, to_uint8, write_png, write_video
+
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype, device),
+                       allow_pickle=args.allow_pickle)
+    frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
+    video = to_model_range(frames)
+    print(f"model    {model.variant}, {model.latent_channels} latent channels, {model.dtype}, {device}")
+    print(f"input    {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {fps:.2f} fps")
+    start = time.monotonic()
+    enc = model.encode(video, frame_policy="trim", tiling=TilingOptions(
+        mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames, progress=TextProgress("encode")))
+    if enc.adjustment.changed:
+        a = enc.adjustment
+        print(f"trimmed  {a.trimmed_frames} trailing frames, {a.trimmed_height} rows, {a.trimmed_width} columns "
+              "(CV-VAE takes 1+4k frames, sizes in multiples of 8)")
+    t, h, w = enc.latent.shape[2:]
+    recon = model.decode(enc, tiling=TilingOptions(
+        mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames, progress=TextProgress("decode")))
+    seconds = time.monotonic() - start
+    target = video[:, :, : recon.shape[2], : recon.shape[3], : recon.shape[4]]
+    out_frames = to_uint8(recon)
+    write_video(args.output, out_frames, fps)
+    strip = Path(args.strip) if args.strip else Path(args.output).with_suffix(".png")
+    write_png(strip, side_by_side_strip(frames[: out_frames.shape[0], : out_frames.shape[1], : out_frames.shape[2]],
+                                        out_frames))
+    print(f"latent   {list(enc.latent.shape)}")
+    print(f"time     {seconds:.1f}s ({recon.shape[2] / seconds:.2f} frames/s)")
+    print(f"PSNR     {metrics.psnr(recon, target):.2f} dB")
+    print(f"SSIM     {metrics.ssim(recon, target):.4f}")
+    print(f"wrote    {args.output} and {strip} (top: input, bottom: reconstruction)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cvvae_core", description="CV-VAE video autoencoder tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="describe a checkpoint: variant, config, parameters, key check")
+    p.add_argument("checkpoint", help="release folder, its parent, or a .safetensors file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--allow-pickle", action="store_true", help="also read .ckpt/.pt/.bin (weights_only=True)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("reconstruct", help="encode and decode a video; print PSNR/SSIM; write MP4 + PNG strip")
+    p.add_argument("checkpoint")
+    p.add_argument("input", help="input video (anything FFmpeg reads)")
+    p.add_argument("output", help="output .mp4")
+    p.add_argument("--height", type=int, help="resize (cover + centre crop) to this height")
+    p.add_argument("--width", type=int, help="resize (cover + centre crop) to this width")
+    p.add_argument("--frames", type=int, help="read at most this many frames (then trimmed to 1+4k)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp32 on CPU, bf16/fp16 on CUDA")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--tiling", choices=["seamless", "official", "none"], default="seamless")
+    p.add_argument("--tile-size", type=int, help="spatial tile in pixels (default: from free memory)")
+    p.add_argument("--chunk-frames", type=int, help="frames per time chunk (default: automatic)")
+    p.add_argument("--strip", help="side-by-side PNG path (default: OUTPUT with .png)")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.set_defaults(func=cmd_reconstruct)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CVVAEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
