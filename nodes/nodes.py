@@ -1,0 +1,307 @@
+"""The CV-VAE nodes (ComfyUI node API v3: comfy_api.latest). Thin glue over cvvae_core."""
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import folder_paths
+
+from ..cvvae_core.errors import CheckpointError, CheckpointNotFoundError
+from ..cvvae_core.frames import FrameAdjustment, FramedLatent
+from . import runtime
+from .comfy_vae import decode_memory, encode_memory, get_cvvae, load_comfy_vae
+
+CATEGORY = "CV-VAE"
+MODEL_FOLDER = "cvvae"
+BUILTIN_NAME = "builtin (small demo model)"
+ADJUSTMENT_KEY = "cvvae_adjustment"
+FRAME_POLICIES = ["pad", "trim", "error"]
+CHANNEL_OWNERS = {4: "SD1.5/SD2.1/SDXL/SVD and CV-VAE vae3d / vae3d_v1-1",
+                  16: "SD3 and CV-VAE vae3d_sd3"}
+
+
+# Model files ---------------------------------------------------------------------------------
+def register_model_folder():
+    """``models/cvvae`` (plus any ``cvvae:`` entry in extra_model_paths.yaml) as a model folder."""
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    exts = set(folder_paths.supported_pt_extensions)
+    if MODEL_FOLDER in folder_paths.folder_names_and_paths:
+        paths, old = folder_paths.folder_names_and_paths[MODEL_FOLDER]
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(old) | exts)
+    else:
+        folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([default], exts)
+
+
+def builtin_path() -> str | None:
+    try:
+        from ..cvvae_core import builtin
+    except ImportError:
+        return None
+    try:
+        path = builtin.builtin_path()
+    except Exception:  # weights not shipped/installed
+        return None
+    return os.fspath(path) if path is not None and os.path.exists(path) else None
+
+
+def model_choices() -> list[str]:
+    names = []
+    if builtin_path():
+        names.append(BUILTIN_NAME)
+    for folder in (MODEL_FOLDER, "vae"):
+        for name in folder_paths.get_filename_list(folder):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def model_path(name: str) -> str:
+    if name == BUILTIN_NAME:
+        path = builtin_path()
+        if path is None:
+            raise FileNotFoundError("The built-in CV-VAE demo model is not installed with this copy of the "
+                                    "pack. Reinstall the pack, or pick a vae3d / vae3d_sd3 file.")
+        return path
+    for folder in (MODEL_FOLDER, "vae"):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise FileNotFoundError(f"CV-VAE model '{name}' not found in models/{MODEL_FOLDER} or models/vae. "
+                            "Put the file there (see the pack's README) and press R to refresh the list.")
+
+
+# Nodes -----------------------------------------------------------------------------------------
+class CVVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CVVAELoader", display_name="Load CV-VAE", category=CATEGORY,
+            description="Loads a CV-VAE video VAE (vae3d, vae3d_v1-1: 4 latent channels, SD/SVD; vae3d_sd3: "
+                        "16 channels, SD3). Its VAE output works with core VAE nodes (VAEEncode/VAEDecode "
+                        "work frame-wise on a 4D latent batch) and with the CV-VAE video nodes.",
+            inputs=[
+                io.Combo.Input("model_name", options=model_choices(),
+                               tooltip="CV-VAE weights from models/cvvae or models/vae (a release's "
+                                       "diffusion_pytorch_model.safetensors, renamed or in its folder), or "
+                                       "the small built-in demo model."),
+                io.Combo.Input("dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto",
+                               tooltip="Working precision. auto = ComfyUI's VAE precision (fp32 on CPU, "
+                                       "bf16/fp16 on GPUs; follows --fp16-vae/--bf16-vae/--fp32-vae)."),
+            ],
+            outputs=[io.Vae.Output(display_name="VAE")])
+
+    @classmethod
+    def execute(cls, model_name, dtype="auto"):
+        path = model_path(model_name)
+        try:
+            vae = load_comfy_vae(path, dtype, name=model_name)
+        except CheckpointError as e:
+            hint = ("" if isinstance(e, CheckpointNotFoundError) else
+                    " Load CV-VAE needs a CV-VAE release file (vae3d, vae3d_v1-1 or vae3d_sd3); image VAEs and "
+                    "checkpoints belong in core 'Load VAE' / 'Load Checkpoint'.")
+            raise type(e)(f"Load CV-VAE could not use '{model_name}': {e}{hint}") from None
+        return io.NodeOutput(vae)
+
+
+class CVVAEVideoEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CVVAEVideoEncode", display_name="CV-VAE Video Encode", category=CATEGORY,
+            description="Encodes IMAGE frames as ONE video: N frames -> a 5D latent [1, C, 1+(N-1)/4, H/8, W/8].",
+            inputs=[
+                io.Vae.Input("vae", tooltip="The VAE from 'Load CV-VAE'."),
+                io.Image.Input("images", tooltip="Video frames [N, H, W, 3] in 0..1, in time order."),
+                io.Combo.Input("frame_policy", options=FRAME_POLICIES, default="pad",
+                               tooltip="CV-VAE needs 1+4k frames (1, 5, 9, 17, ...) and sizes divisible by 8. "
+                                       "pad = repeat the last frame/edge pixels, removed again by CV-VAE Video "
+                                       "Decode; trim = drop the extra frames/pixels; error = stop and say so."),
+                io.Combo.Input("tiling", options=runtime.TILING_MODES, default="auto", tooltip=runtime.TILING_TOOLTIP),
+                io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=runtime.TILE_SIZE_TOOLTIP),
+                io.Int.Input("chunk_frames", default=0, min=0, max=4097, step=1, tooltip=runtime.CHUNK_TOOLTIP),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT")])
+
+    @classmethod
+    def execute(cls, vae, images, frame_policy="pad", tiling="auto", tile_size=0, chunk_frames=0):
+        model = get_cvvae(vae, "CV-VAE Video Encode")
+        video = runtime.images_to_video(images)
+        pbar = runtime.progress_bar()
+        opts = runtime.tiling_options(tiling, tile_size, chunk_frames, pbar, vae.output_device)
+        need = runtime.memory_for(vae, encode_memory, video.shape, tiling, tile_size, chunk_frames, latent=False)
+        with runtime.comfy_pass(vae, need, "encoding"):
+            out = model.encode(video, frame_policy=frame_policy, tiling=opts)
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(1, 1)
+        latent, adjust = (out.latent, out.adjustment) if isinstance(out, FramedLatent) else (out, FrameAdjustment())
+        latent = latent.to(vae.output_device, torch.float32)
+        result = {"samples": latent}
+        if adjust.changed:
+            result[ADJUSTMENT_KEY] = {**vars(adjust), "latent_shape": list(latent.shape)}
+        return io.NodeOutput(result)
+
+
+class CVVAEVideoDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CVVAEVideoDecode", display_name="CV-VAE Video Decode", category=CATEGORY,
+            description="Decodes a 5D video latent [B, C, 1+k, h, w] to 1+4k IMAGE frames per video. For a 4D "
+                        "frames-as-batch latent (SD/SVD) first use 'CV-VAE Latent Adapter' (batch_to_video).",
+            inputs=[
+                io.Vae.Input("vae", tooltip="The VAE from 'Load CV-VAE'; its channels (4 or 16) must match the latent."),
+                io.Latent.Input("samples", tooltip="A 5D video latent, e.g. from CV-VAE Video Encode or the adapter. "
+                                                   "Padding recorded by Video Encode is removed again."),
+                io.Combo.Input("tiling", options=runtime.TILING_MODES, default="auto", tooltip=runtime.TILING_TOOLTIP),
+                io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=runtime.TILE_SIZE_TOOLTIP),
+                io.Int.Input("chunk_frames", default=0, min=0, max=4097, step=1, tooltip=runtime.CHUNK_TOOLTIP),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE")])
+
+    @classmethod
+    def execute(cls, vae, samples, tiling="auto", tile_size=0, chunk_frames=0):
+        model = get_cvvae(vae, "CV-VAE Video Decode")
+        latent = samples["samples"]
+        if latent.dim() == 4:
+            raise ValueError(
+                f"CV-VAE Video Decode got a 4D latent {list(latent.shape)}: that is a frames-as-batch image latent "
+                "(SD/SVD). Put 'CV-VAE Latent Adapter' (mode batch_to_video) in front to decode the batch as one "
+                "video (4x the frames), or use core VAE Decode to decode each frame as an image.")
+        check_channels(latent, vae, "CV-VAE Video Decode")
+        adjust = recorded_adjustment(samples, latent)
+        pbar = runtime.progress_bar()
+        opts = runtime.tiling_options(tiling, tile_size, chunk_frames, pbar, vae.output_device)
+        need = runtime.memory_for(vae, decode_memory, latent.shape, tiling, tile_size, chunk_frames, latent=True)
+        with runtime.comfy_pass(vae, need, "decoding"):
+            video = model.decode(FramedLatent(latent, adjust), tiling=opts)
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(1, 1)
+        return io.NodeOutput(runtime.video_to_images(video.to(vae.output_device)))
+
+
+def recorded_adjustment(samples: dict, latent: torch.Tensor) -> FrameAdjustment:
+    """The padding Video Encode recorded, if this latent still has the shape it was recorded for."""
+    rec = samples.get(ADJUSTMENT_KEY)
+    if not rec or list(rec.get("latent_shape", [])) != list(latent.shape):
+        return FrameAdjustment()
+    return FrameAdjustment(**{k: int(rec.get(k, 0)) for k in ("padded_frames", "padded_height", "padded_width")})
+
+
+def check_channels(latent: torch.Tensor, vae, node: str):
+    want = getattr(vae, "latent_channels", None) if vae is not None else None
+    have = latent.shape[1]
+    if want is not None and have != want:
+        raise ValueError(
+            f"{node}: the latent has {have} channels ({CHANNEL_OWNERS.get(have, 'not a CV-VAE latent')}) but the "
+            f"VAE '{getattr(vae, 'name', type(vae).__name__)}' uses {want} ({CHANNEL_OWNERS.get(want, '?')}). "
+            f"Load the matching CV-VAE ({'vae3d_sd3' if have == 16 else 'vae3d_v1-1'} for this latent), or check "
+            f"that the latent is [B, C, T, h, w] / [T, C, h, w].")
+    if want is None and have not in CHANNEL_OWNERS:
+        raise ValueError(f"{node}: the latent has {have} channels; CV-VAE latents have 4 (SD/SVD) or 16 (SD3). "
+                         f"Shape {list(latent.shape)}: is this latent from another model family?")
+
+
+class CVVAELatentAdapter(io.ComfyNode):
+    MODES = ["auto", "video_to_batch", "batch_to_video"]
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CVVAELatentAdapter", display_name="CV-VAE Latent Adapter (video <-> frames batch)",
+            category=CATEGORY,
+            description="Converts between a 5D video latent [B, C, T, h, w] (CV-VAE Video Encode/Decode) and the 4D "
+                        "frames-as-batch latent [T, C, h, w] that SD/SVD sampling uses. Decoding an SVD batch with "
+                        "batch_to_video + CV-VAE Video Decode gives 4x the frames (1+4(T-1)).",
+            inputs=[
+                io.Latent.Input("samples", tooltip="A 5D video latent or a 4D frames-as-batch latent."),
+                io.Combo.Input("mode", options=cls.MODES, default="auto",
+                               tooltip="video_to_batch: each latent frame becomes one image latent [B*T, C, h, w] "
+                                       "(for SD/SVD sampling or core VAE Decode). batch_to_video: the whole batch "
+                                       "becomes one latent video [1, C, N, h, w] (for CV-VAE Video Decode). auto: "
+                                       "5D -> batch, 4D -> video."),
+                io.Int.Input("target_frames", default=0, min=0, max=4096,
+                             tooltip="Latent frames (= batch size on the 4D side) to output. 0 = keep. More = "
+                                     "repeat the last latent frame; fewer = drop trailing frames. E.g. 14 for "
+                                     "SVD's 14 frames."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Optional: the VAE the latent will be used with; its channel count (4 or 16) "
+                                     "is checked against the latent."),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT")])
+
+    @classmethod
+    def execute(cls, samples, mode="auto", target_frames=0, vae=None):
+        latent = samples["samples"]
+        if latent.dim() not in (4, 5):
+            raise ValueError(f"CV-VAE Latent Adapter needs a 4D or 5D latent, got shape {list(latent.shape)}.")
+        check_channels(latent, vae, "CV-VAE Latent Adapter")
+        if mode == "auto":
+            mode = "video_to_batch" if latent.dim() == 5 else "batch_to_video"
+        if mode not in cls.MODES:
+            raise ValueError(f"mode must be one of {cls.MODES}, got {mode!r}")
+        if mode == "video_to_batch":
+            if latent.dim() != 5:
+                raise ValueError(f"video_to_batch needs a 5D video latent [B, C, T, h, w]; got {list(latent.shape)} "
+                                 "(already a frames batch: use batch_to_video or auto).")
+            out = latent.movedim(2, 1).reshape(-1, latent.shape[1], *latent.shape[-2:])  # [B*T, C, h, w]
+            out = fit_frames(out, 0, target_frames)
+        else:
+            if latent.dim() != 4:
+                raise ValueError(f"batch_to_video needs a 4D frames-as-batch latent [T, C, h, w]; got "
+                                 f"{list(latent.shape)} (already a video latent: use video_to_batch or auto).")
+            out = fit_frames(latent.movedim(0, 1).unsqueeze(0), 2, target_frames)  # [1, C, T, h, w]
+        result = {"samples": out.contiguous()}
+        rec = samples.get(ADJUSTMENT_KEY)
+        if rec is not None:  # kept; Video Decode applies it only while the shape still matches
+            result[ADJUSTMENT_KEY] = rec
+        return io.NodeOutput(result)
+
+
+def fit_frames(latent: torch.Tensor, dim: int, target: int) -> torch.Tensor:
+    have = latent.shape[dim]
+    if not target or target == have:
+        return latent
+    if target < have:
+        return latent.narrow(dim, 0, target)
+    last = latent.narrow(dim, have - 1, 1)
+    return torch.cat([latent] + [last] * (target - have), dim=dim)
+
+
+class CVVAESyntheticVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CVVAESyntheticVideo", display_name="CV-VAE Synthetic Test Clip", category=CATEGORY + "/testing",
+            description="Renders a small moving test pattern as IMAGE frames, so a workflow can run without any input "
+                        "video (e.g. to check an install).",
+            inputs=[
+                io.Int.Input("width", default=256, min=8, max=4096, step=8, tooltip="Frame width in pixels."),
+                io.Int.Input("height", default=256, min=8, max=4096, step=8, tooltip="Frame height in pixels."),
+                io.Int.Input("frames", default=17, min=1, max=1024,
+                             tooltip="Number of frames. CV-VAE works in 1+4k frames (1, 5, 9, 13, 17, ...)."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE")])
+
+    @classmethod
+    def execute(cls, width=256, height=256, frames=17):
+        return io.NodeOutput(synthetic_clip(frames, height, width))
+
+
+def synthetic_clip(frames: int, height: int, width: int) -> torch.Tensor:
+    """IMAGE ``[frames, height, width, 3]`` in 0..1: a drifting colour gradient with a moving disc."""
+    t = torch.arange(frames, dtype=torch.float32).view(-1, 1, 1) / max(1, frames)
+    y = torch.linspace(0, 1, height).view(1, -1, 1)
+    x = torch.linspace(0, 1, width).view(1, 1, -1)
+    r = 0.5 + 0.5 * torch.sin(6.28 * (x + t))
+    g = 0.5 + 0.5 * torch.sin(6.28 * (y - 0.5 * t))
+    disc = ((x - 0.2 - 0.6 * t) ** 2 + (y - 0.5) ** 2 < 0.03).float()
+    b = 0.3 + 0.7 * disc
+    return torch.stack([r.expand_as(disc), g.expand_as(disc), b], dim=-1).clamp(0, 1)
+
+
+NODES = [CVVAELoader, CVVAEVideoEncode, CVVAEVideoDecode, CVVAELatentAdapter, CVVAESyntheticVideo]

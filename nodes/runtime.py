@@ -1,0 +1,95 @@
+"""Running a CV-VAE pass inside ComfyUI: memory, progress bar, cancel, clean-up."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..cvvae_core.errors import CancelledError, OutOfMemoryError
+from ..cvvae_core.tiling import TilingOptions
+
+TILING_MODES = ["auto", "seamless", "official", "none"]
+
+TILING_TOOLTIP = (
+    "How the clip is split to fit in memory. auto = seamless tiles/chunks sized from free memory "
+    "(recommended); seamless = overlapping tiles blended without seams; official = the original "
+    "CV-VAE tiling (for comparison with the reference code); none = whole clip at once (fastest, "
+    "needs the most memory).")
+TILE_SIZE_TOOLTIP = "Spatial tile size in pixels. 0 = automatic (from free memory). Smaller = less memory, slower."
+CHUNK_TOOLTIP = "Video frames per time chunk. 0 = automatic. Smaller = less memory, slower."
+
+
+def tiling_options(mode: str, tile_size: int, chunk_frames: int, pbar, output_device) -> TilingOptions | None:
+    if mode not in TILING_MODES:
+        raise ValueError(f"tiling must be one of {TILING_MODES}, got {mode!r}")
+    if mode == "none":
+        return None
+
+    def progress(done, total):
+        pbar.update_absolute(done, total)
+
+    return TilingOptions(mode="seamless" if mode == "auto" else mode, tile_size=tile_size or None,
+                         chunk_frames=chunk_frames or None, progress=progress,
+                         cancel=mm.processing_interrupted, output_device=output_device)
+
+
+def memory_for(vae, estimate, shape, mode: str, tile_size: int, chunk_frames: int, latent: bool) -> float:
+    """Bytes to ask ComfyUI for before a pass: the whole clip untiled, else one tile/chunk."""
+    shape = list(shape)
+    if mode != "none":
+        scale = 8 if latent else 1
+        if tile_size:
+            shape[-2] = min(shape[-2], max(1, tile_size // scale))
+            shape[-1] = min(shape[-1], max(1, tile_size // scale))
+        if chunk_frames and len(shape) == 5:
+            shape[2] = min(shape[2], max(1, chunk_frames // 4 + 1 if latent else chunk_frames))
+    return estimate(shape, vae.vae_dtype)
+
+
+@contextlib.contextmanager
+def comfy_pass(vae, memory_required: float, what: str):
+    """Make room and load the model, then translate cancel/OOM into what ComfyUI expects and leave no
+    cached GPU memory behind."""
+    mm.load_models_gpu([vae.patcher], memory_required=memory_required, force_full_load=True)
+    outcome = None
+    try:
+        yield
+    except CancelledError:
+        outcome = "cancelled"
+    except mm.OOM_EXCEPTION:
+        outcome = "oom"
+    finally:
+        mm.soft_empty_cache()
+    # Raised outside the except blocks so the failed pass's tensors are already released.
+    if outcome == "cancelled":
+        mm.throw_exception_if_processing_interrupted()
+        raise mm.InterruptProcessingException()
+    if outcome == "oom":
+        mm.soft_empty_cache(True)
+        raise OutOfMemoryError(
+            f"CV-VAE ran out of memory while {what}. Set tiling to 'auto' (or a smaller tile_size / "
+            "chunk_frames), use dtype fp16/bf16 in 'Load CV-VAE', or lower the resolution / frame count.")
+
+
+def progress_bar(total: int = 1):
+    return comfy.utils.ProgressBar(total)
+
+
+def images_to_video(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE ``[N, H, W, C]`` in 0..1 -> video ``[1, 3, N, H, W]`` in [-1, 1]."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected IMAGE frames [N, H, W, 3], got {shape}")
+    if images.shape[-1] < 3:
+        raise ValueError(f"IMAGE has {images.shape[-1]} channels; CV-VAE needs RGB (3). "
+                         "Convert grayscale with an image-to-RGB node first.")
+    return images[..., :3].movedim(-1, 0).unsqueeze(0).float() * 2.0 - 1.0
+
+
+def video_to_images(video: torch.Tensor) -> torch.Tensor:
+    """Video ``[B, 3, T, H, W]`` in about [-1, 1] -> IMAGE ``[B*T, H, W, 3]`` in 0..1."""
+    frames = video.movedim(1, -1).reshape(-1, *video.shape[-2:], video.shape[1])
+    return ((frames.float() + 1.0) / 2.0).clamp(0.0, 1.0)
