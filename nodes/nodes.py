@@ -277,31 +277,30 @@ class CVVAESyntheticVideo(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CVVAESyntheticVideo", display_name="CV-VAE Synthetic Test Clip", category=CATEGORY + "/testing",
-            description="Renders a small moving test pattern as IMAGE frames, so a workflow can run without any input "
-                        "video (e.g. to check an install).",
+            description="Renders a procedural test clip (panning texture, moving shapes, lighting change) as IMAGE "
+                        "frames, so a workflow runs without any input video (e.g. to check an install). It is the "
+                        "kind of content the built-in demo model was trained on (64x64).",
             inputs=[
-                io.Int.Input("width", default=256, min=8, max=4096, step=8, tooltip="Frame width in pixels."),
-                io.Int.Input("height", default=256, min=8, max=4096, step=8, tooltip="Frame height in pixels."),
+                io.Int.Input("width", default=64, min=8, max=4096, step=8, tooltip="Frame width in pixels."),
+                io.Int.Input("height", default=64, min=8, max=4096, step=8, tooltip="Frame height in pixels."),
                 io.Int.Input("frames", default=17, min=1, max=1024,
                              tooltip="Number of frames. CV-VAE works in 1+4k frames (1, 5, 9, 13, 17, ...)."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
+                             tooltip="Which clip to draw; the same seed always gives the same clip."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE")])
 
     @classmethod
-    def execute(cls, width=256, height=256, frames=17):
-        return io.NodeOutput(synthetic_clip(frames, height, width))
+    def execute(cls, width=64, height=64, frames=17, seed=0):
+        return io.NodeOutput(synthetic_clip(frames, height, width, seed))
 
 
-def synthetic_clip(frames: int, height: int, width: int) -> torch.Tensor:
-    """IMAGE ``[frames, height, width, 3]`` in 0..1: a drifting colour gradient with a moving disc."""
-    t = torch.arange(frames, dtype=torch.float32).view(-1, 1, 1) / max(1, frames)
-    y = torch.linspace(0, 1, height).view(1, -1, 1)
-    x = torch.linspace(0, 1, width).view(1, 1, -1)
-    r = 0.5 + 0.5 * torch.sin(6.28 * (x + t))
-    g = 0.5 + 0.5 * torch.sin(6.28 * (y - 0.5 * t))
-    disc = ((x - 0.2 - 0.6 * t) ** 2 + (y - 0.5) ** 2 < 0.03).float()
-    b = 0.3 + 0.7 * disc
-    return torch.stack([r.expand_as(disc), g.expand_as(disc), b], dim=-1).clamp(0, 1)
+def synthetic_clip(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """IMAGE ``[frames, height, width, 3]`` in 0..1 from :func:`cvvae_core.synthetic.generate_clip`."""
+    from ..cvvae_core.synthetic import SyntheticConfig, generate_clip
+
+    clip = generate_clip(seed, SyntheticConfig(frames=frames, height=height, width=width))  # [3, T, H, W]
+    return ((clip.movedim(0, -1) + 1.0) / 2.0).clamp(0.0, 1.0).float()
 
 
 NODES = [CVVAELoader, CVVAEVideoEncode, CVVAEVideoDecode, CVVAELatentAdapter, CVVAESyntheticVideo]

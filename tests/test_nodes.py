@@ -292,9 +292,11 @@ def test_padding_record_survives_the_adapter_round_trip_only_while_shapes_match(
 
 
 def test_synthetic_clip():
-    (clip,) = run(nodes.CVVAESyntheticVideo, width=24, height=16, frames=5)
+    (clip,) = run(nodes.CVVAESyntheticVideo, width=24, height=16, frames=5, seed=3)
     assert clip.shape == (5, 16, 24, 3) and 0 <= clip.min() and clip.max() <= 1
     assert not torch.equal(clip[0], clip[4])
+    torch.testing.assert_close(run(nodes.CVVAESyntheticVideo, width=24, height=16, frames=5, seed=3)[0], clip)
+    assert not torch.equal(run(nodes.CVVAESyntheticVideo, width=24, height=16, frames=5, seed=4)[0], clip)
 
 
 def test_cvvae_model_folder_is_registered():
