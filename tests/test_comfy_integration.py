@@ -102,6 +102,11 @@ def test_pack_loads_and_serves_the_stub_schema(server, object_info):
                     assert lopts.get("options") == opts.get("options"), (stub["name"], name)
 
 
+def test_templates_browser_lists_the_workflows_once(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates.get("ComfyUI-CV-VAE", [])) == sorted(WORKFLOWS), templates
+
+
 def test_core_snapshot_still_matches(object_info):
     for name, snap in workflow_check.core_object_info().items():
         live = object_info.get(name)
@@ -171,12 +176,12 @@ def browser_tool():
 
 
 @pytest.mark.parametrize("name", list(WORKFLOWS))
-def test_workflow_loads_in_the_real_frontend(server, name, tmp_path):
+def test_workflow_loads_in_the_real_frontend(server, object_info, name, tmp_path):
     tool = browser_tool()
     if tool is None:
         pytest.skip("no browser tool: set COMFY_BROWSER_TOOL to comfy_browser.mjs (needs node, playwright-core, chromium)")
     r = subprocess.run(["node", tool, str(WORKFLOWS[name]), "--url", server.url, "--out", str(tmp_path / "shot.png"),
-                        "--timeout", "120"], capture_output=True, text=True, timeout=300)
+                        "--timeout", "120", "--dump-api", str(tmp_path / "api.json")], capture_output=True, text=True, timeout=300)
     line = (r.stdout.strip().splitlines() or ["{}"])[-1]
     try:
         report = json.loads(line)
@@ -186,6 +191,10 @@ def test_workflow_loads_in_the_real_frontend(server, name, tmp_path):
          f"nodes_loaded={report.get('nodes_loaded')}")
     assert r.returncode != 2 and not report.get("missing_node_types"), report
     assert r.returncode == 0, report
+    # The frontend's own UI->API conversion agrees with the one the CI checks and this test use.
+    theirs = json.loads((tmp_path / "api.json").read_text())
+    ours = workflow_check.to_api(json.loads(WORKFLOWS[name].read_text()), object_info)
+    assert {k: v["inputs"] for k, v in theirs.items()} == {k: v["inputs"] for k, v in ours.items()}
 
 
 if __name__ == "__main__" and "--snapshot" in sys.argv:
