@@ -1,0 +1,95 @@
+"""The paper's compatibility measure: how well an *image* decoder reads a *video* latent.
+
+A clip of 1+4k frames is encoded by the video VAE into 1+k latent frames. Each latent frame is
+decoded on its own by the image VAE's decoder and compared with video frame 4i (latent frame 0
+stands for frame 0 alone; latent frame i >= 1 for frames 4i-3 .. 4i, of which 4i is the last and
+the one the causal encoder has fully seen). Next to it: the video VAE's own reconstruction of the
+whole clip, and, as the ceiling for the image-decoder numbers, the image VAE's reconstruction of
+the same frames 4i from its own latents.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .image_vae import ImageVAE
+from .metrics import psnr, ssim
+from .model import CVVAE
+from .synthetic import SyntheticConfig, generate_clip
+
+
+def read_video(path, frames: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The first ``frames`` frames of a video file as ``[1, 3, T, H, W]`` in [-1, 1]; ``size``
+    (H, W) resizes (area filter), else the frame is cropped to a multiple of 8."""
+    import av
+
+    out = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            out.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+            if len(out) == frames:
+                break
+    if not out:
+        raise InputError(f"{path} has no decodable video frames")
+    video = torch.stack(out).permute(3, 0, 1, 2).float().div(127.5).sub(1).unsqueeze(0)
+    if size is not None:
+        b, c, t, h, w = video.shape
+        flat = video.transpose(1, 2).flatten(0, 1)
+        video = F.interpolate(flat, size=size, mode="area").unflatten(0, (b, t)).transpose(1, 2)
+    h, w = video.shape[-2:]
+    return video[..., : h // 8 * 8, : w // 8 * 8]
+
+
+def load_clip(spec: str, frames: int = 17, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``synthetic:SEED`` (a generated clip, 64x64 unless ``size``) or a video file path."""
+    if spec.startswith("synthetic"):
+        seed = int(spec.partition(":")[2] or 0)
+        h, w = size or (64, 64)
+        return generate_clip(seed, SyntheticConfig(frames=frames, height=h, width=w)).unsqueeze(0)
+    if not Path(spec).is_file():
+        raise InputError(f"clip {spec!r} is neither a video file nor 'synthetic:SEED'")
+    return read_video(spec, frames, size)
+
+
+def usable_frames(video: torch.Tensor) -> torch.Tensor:
+    """Trim to 1+4k frames (what the inference scripts of the paper do)."""
+    t = video.shape[2]
+    if t < 5:
+        raise InputError(f"the compatibility measure needs at least 5 frames (1+4k, k>=1), got {t}")
+    return video[:, :, : 1 + (t - 1) // 4 * 4]
+
+
+@torch.no_grad()
+def compat_report(video_vae: CVVAE, image_vae: ImageVAE, clip: torch.Tensor) -> dict:
+    """PSNR/SSIM of: the video VAE's reconstruction; the image decoder on the video latent
+    (latent frame i vs video frame 4i); the image VAE on frames 4i (the ceiling)."""
+    clip = usable_frames(clip).float()
+    step = video_vae.config.time_compression
+    dev = video_vae.device
+    latent = video_vae.encode(clip.to(dev))
+    recon = video_vae.decode(latent).float().cpu()
+    image_vae = image_vae.to(dev)
+    img_dtype = next(image_vae.parameters()).dtype
+    from_video_latent = image_vae.decode_video(latent.to(img_dtype)).float().cpu()
+    targets = clip[:, :, ::step]
+    image_only = image_vae.decode_video(image_vae.encode_video(targets.to(dev, img_dtype))).float().cpu()
+    return {
+        "frames": clip.shape[2], "latent_frames": latent.shape[2], "size": list(clip.shape[-2:]),
+        "video_recon_psnr": psnr(recon, clip), "video_recon_ssim": ssim(recon, clip),
+        "image_decoder_psnr": psnr(from_video_latent, targets), "image_decoder_ssim": ssim(from_video_latent, targets),
+        "image_vae_psnr": psnr(image_only, targets), "image_vae_ssim": ssim(image_only, targets),
+    }
+
+
+def format_report(r: dict) -> str:
+    return "\n".join([
+        f"clip: {r['frames']} frames {r['size'][0]}x{r['size'][1]} -> {r['latent_frames']} latent frames",
+        f"video VAE reconstruction           PSNR {r['video_recon_psnr']:6.2f} dB  SSIM {r['video_recon_ssim']:.4f}",
+        f"image decoder on video latent      PSNR {r['image_decoder_psnr']:6.2f} dB  SSIM {r['image_decoder_ssim']:.4f}"
+        "  (latent frame i vs frame 4i)",
+        f"image VAE on the same frames       PSNR {r['image_vae_psnr']:6.2f} dB  SSIM {r['image_vae_ssim']:.4f}"
+        "  (ceiling)",
+    ])
