@@ -24,10 +24,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None if name == "auto" else DTYPES[name]
 
 
+def resolve_checkpoint(name: str):
+    """``builtin`` names the pack's small built-in model; anything else is a path."""
+    if name == "builtin":
+        from .builtin import builtin_path
+
+        return builtin_path()
+    return name
+
+
 def cmd_info(args) -> int:
     from .checkpoint import build_model, read_state_dict
 
-    sd, hints = read_state_dict(args.checkpoint, allow_pickle=args.allow_pickle)
+    sd, hints = read_state_dict(resolve_checkpoint(args.checkpoint), allow_pickle=args.allow_pickle)
     file_dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
     model = build_model(sd, hints, source=Path(args.checkpoint).name, dtype=torch.float32)  # raises on bad keys
     cfg = model.config
@@ -59,7 +68,7 @@ def cmd_reconstruct(args) -> int:
     from .video_io import read_video, side_by_side_strip, to_model_range, to_uint8, write_png, write_video
 
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype, device),
+    model = load_model(resolve_checkpoint(args.checkpoint), device=device, dtype=resolve_dtype(args.dtype, device),
                        allow_pickle=args.allow_pickle)
     frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
     video = to_model_range(frames)
@@ -95,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="describe a checkpoint: variant, config, parameters, key check")
-    p.add_argument("checkpoint", help="release folder, its parent, or a .safetensors file")
+    p.add_argument("checkpoint", help="release folder, its parent, a .safetensors file, or 'builtin'")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--allow-pickle", action="store_true", help="also read .ckpt/.pt/.bin (weights_only=True)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("reconstruct", help="encode and decode a video; print PSNR/SSIM; write MP4 + PNG strip")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="release folder, its parent, a .safetensors file, or 'builtin'")
     p.add_argument("input", help="input video (anything FFmpeg reads)")
     p.add_argument("output", help="output .mp4")
     p.add_argument("--height", type=int, help="resize (cover + centre crop) to this height")
@@ -115,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip", help="side-by-side PNG path (default: OUTPUT with .png)")
     p.add_argument("--allow-pickle", action="store_true")
     p.set_defaults(func=cmd_reconstruct)
+
+    from . import cli_train  # train, inflate, compat, demo
+
+    cli_train.register(sub)
     return parser
 
 
