@@ -1,56 +1,446 @@
-"""Tiling/streaming engine (placeholder: runs the whole clip at once).
+"""Tiling/streaming engine: encode and decode clips of any length and size in bounded device memory.
 
 Contract used by the model API, the command line and the ComfyUI nodes:
 
     opts = TilingOptions(mode="seamless", tile_size=None, chunk_frames=None,
                          progress=lambda done, total: ..., cancel=lambda: False)
-    latent = encode_video(model, video, opts)       # video [B,3,1+4k,H,W] in [-1,1], any device
+    moments = encode_moments(model, video, opts)    # video [B,3,1+4k,H,W] in [-1,1], any device
     video = decode_latent(model, latent, opts)      # latent [B,C,1+k,h,w]
 
-Results come back on ``opts.output_device`` (CPU by default).
+Results come back in float32 on ``opts.output_device`` (CPU by default), written chunk by chunk
+(pinned memory and non-blocking copies when computing on CUDA): the whole video never sits on the
+device. Modes:
+
+* ``seamless`` (default): as close to the whole-clip model as the math allows; see
+  :mod:`cvvae_core.streaming` for how. Exactly the whole-clip pass when the clip fits one tile
+  and one chunk.
+* ``official``: the official code's own tiled algorithm (tile size 576 px, overlap ratio 0.2222,
+  linear blend in raster order, 16-frame chunks with one shared frame and a hard cut), to match
+  published outputs. ``tile_size``/``chunk_frames``/``overlap`` default to the release values.
+* ``none``: the whole clip at once on the device (no bound on memory).
+
+Sizes are chosen from free device memory unless given. On CUDA out-of-memory the engine frees
+what it holds and retries with shorter chunks, then smaller tiles, down to a floor; then raises
+:class:`~cvvae_core.errors.OutOfMemoryError` saying what to lower.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gc
+import math
+import os
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from .errors import CancelledError
+from . import streaming as st
+from .errors import CancelledError, InputError, OutOfMemoryError
 
 MODES = ("seamless", "official", "none")
+
+#: Official release tiling parameters (``CVVAEModel`` constructor defaults).
+OFFICIAL_TILE = 576
+OFFICIAL_OVERLAP = 0.2222
+OFFICIAL_CHUNK = 16
+
+#: Smallest sizes the out-of-memory fallback goes down to.
+MIN_CHUNK_FRAMES = 4
+MIN_TILE = 64
+
+#: Estimated peak device bytes per (frame x pixel) of a chunk, per channel of the first level
+#: and byte of the compute dtype, plus float32 norm temporaries. Set from the decoder's widest
+#: full-resolution stage (upsampler output, skip queue, norm in float32, conv output); the
+#: out-of-memory fallback corrects an estimate that proves too small.
+_BYTES_PER_VOXEL_CHANNEL = 24
+_NORM_FP32_BYTES = 16
 
 
 @dataclass
 class TilingOptions:
     mode: str = "seamless"
-    tile_size: int | None = None      # pixels; None = chosen from free device memory
+    tile_size: int | None = None      # pixels (core of a seamless tile; the official tile); None = automatic
     chunk_frames: int | None = None   # video frames per time chunk; None = automatic
     progress: Callable[[int, int], None] | None = None
     cancel: Callable[[], bool] | None = None
     output_device: torch.device | str = "cpu"
+    overlap: float = OFFICIAL_OVERLAP  # official mode: tile overlap ratio
+    stats_passes: int = 1             # seamless: passes that gather clip-wide GroupNorm statistics (0 = tile-local)
+    memory_budget: int | None = None  # bytes the engine may use on the device; None = from free memory
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"TilingOptions.mode must be one of {MODES}, got {self.mode!r}")
+        if self.stats_passes < 0:
+            raise InputError(f"stats_passes must be >= 0, got {self.stats_passes}")
+        if self.tile_size is not None and (self.tile_size < 8 or self.tile_size % 8):
+            raise InputError(f"tile_size must be a positive multiple of 8 pixels, got {self.tile_size}")
+        if self.chunk_frames is not None and self.chunk_frames < 1:
+            raise InputError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
 
 
-def _check_cancel(opts: TilingOptions):
-    if opts.cancel is not None and opts.cancel():
-        raise CancelledError("cancelled by the caller")
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run: ``tile`` = core size in pixels (>= the frame: no spatial tiling),
+    ``chunk`` = video frames per chunk."""
+
+    tile: int
+    chunk: int
 
 
+class _Progress:
+    def __init__(self, opts: TilingOptions, total: int):
+        self.opts, self.total, self.done = opts, total, 0
+
+    def check(self):
+        if self.opts.cancel is not None and self.opts.cancel():
+            raise CancelledError("cancelled by the caller (TilingOptions.cancel returned True)")
+
+    def step(self):
+        self.done += 1
+        if self.opts.progress is not None:
+            self.opts.progress(self.done, self.total)
+
+
+# ------------------------------------------------------------------------------------------
+# Public entry points
+# ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_moments(model, video: torch.Tensor, opts: TilingOptions | None = None) -> torch.Tensor:
+    """Encoder output [B, 2C, 1+k, H/8, W/8] (mean, logvar) of a validated video, float32 on
+    ``opts.output_device``."""
     opts = opts or TilingOptions()
-    _check_cancel(opts)
-    out = model.encode_moments(video).to(opts.output_device, torch.float32)
-    if opts.progress:
-        opts.progress(1, 1)
-    return out
+    return _with_fallback(model, opts, video, "encode")
 
 
 @torch.no_grad()
 def decode_latent(model, latent: torch.Tensor, opts: TilingOptions | None = None) -> torch.Tensor:
+    """Decoder output [B, 3, 1+4k, 8h, 8w] (unclamped) of a latent, float32 on ``opts.output_device``."""
     opts = opts or TilingOptions()
-    _check_cancel(opts)
-    out = model.decode_latent(latent).to(opts.output_device, torch.float32)
-    if opts.progress:
-        opts.progress(1, 1)
+    return _with_fallback(model, opts, latent, "decode")
+
+
+# ------------------------------------------------------------------------------------------
+# Sizing and the out-of-memory fallback
+# ------------------------------------------------------------------------------------------
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def voxel_bytes(model) -> int:
+    """Estimated peak device bytes per frame x pixel of a chunk (see ``_BYTES_PER_VOXEL_CHANNEL``)."""
+    cfg = model.config
+    elem = torch.finfo(model.dtype).bits // 8
+    return cfg.base_channels * (_BYTES_PER_VOXEL_CHANNEL * elem + _NORM_FP32_BYTES)
+
+
+def auto_plan(model, opts: TilingOptions, frames: int, height: int, width: int) -> Plan:
+    """Largest chunk (then tile) whose estimated footprint fits the budget; given sizes win."""
+    budget = opts.memory_budget or int(_free_bytes(model.device) * 0.7)
+    per = voxel_bytes(model)
+    full = max(height, width)
+    tile = opts.tile_size or full
+    if opts.chunk_frames:
+        return Plan(tile, opts.chunk_frames)
+    fits = lambda t, c: (min(t + 2 * 80, height) * min(t + 2 * 80, width) * (c + 2) * per) <= budget  # noqa: E731
+    chunk = frames
+    while chunk > MIN_CHUNK_FRAMES and not fits(tile, chunk):
+        chunk = max(MIN_CHUNK_FRAMES, chunk // 2)
+    while opts.tile_size is None and tile > MIN_TILE * 2 and not fits(tile, chunk):
+        tile = max(MIN_TILE, tile // 2 // 8 * 8)
+    return Plan(tile, chunk)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _smaller(plan: Plan, frame_size: int) -> Plan | None:
+    """The next plan the fallback tries: halve the chunk, then the tile; None at the floor."""
+    if plan.chunk > MIN_CHUNK_FRAMES:
+        return replace(plan, chunk=max(MIN_CHUNK_FRAMES, plan.chunk // 2))
+    tile = min(plan.tile, frame_size)
+    if tile > MIN_TILE:
+        return replace(plan, tile=max(MIN_TILE, tile // 2 // 8 * 8))
+    return None
+
+
+def _with_fallback(model, opts: TilingOptions, x: torch.Tensor, what: str) -> torch.Tensor:
+    _check_input(model, x, what)
+    if opts.mode == "none":
+        return _untiled(model, opts, x, what)
+    if opts.mode == "official":
+        try:
+            return (_official_encode if what == "encode" else _official_decode)(model, x, opts)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            _free(model.device)
+            raise OutOfMemoryError(
+                f"out of device memory in official mode ({what}, tile {opts.tile_size or OFFICIAL_TILE} px, "
+                f"{opts.chunk_frames or OFFICIAL_CHUNK}-frame chunks). Official mode keeps the release tile sizes "
+                "so that results match published outputs: lower tile_size/chunk_frames (results then differ from "
+                "the release), use mode='seamless', or free device memory (other models, fp16 weights).") from err
+    scale = 1 if what == "encode" else model.config.spatial_compression
+    t = x.shape[2] if what == "encode" else model.config.video_frames(x.shape[2])
+    h, w = x.shape[3] * scale, x.shape[4] * scale
+    plan = auto_plan(model, opts, t, h, w)
+    while True:
+        try:
+            return (_seamless_encode if what == "encode" else _seamless_decode)(model, x, opts, plan)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            _free(model.device)
+            nxt = _smaller(plan, max(h, w))
+            if nxt is None:
+                raise OutOfMemoryError(
+                    f"out of device memory ({what}) even with {plan.chunk}-frame chunks and {min(plan.tile, h, w)} px "
+                    f"tiles, the smallest this engine tries. Lower the resolution or the batch size, load the model "
+                    "in float16/bfloat16, or free device memory used by other models.") from err
+            plan = nxt
+
+
+def _free(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _check_input(model, x: torch.Tensor, what: str):
+    if x.dim() != 5:
+        raise InputError(f"the tiling engine takes 5-D [B, C, T, H, W] tensors, got shape {list(x.shape)}")
+    if what == "encode" and (x.shape[3] % 8 or x.shape[4] % 8):
+        raise InputError(f"height and width must be multiples of 8, got {x.shape[3]}x{x.shape[4]}; "
+                         "use frame_policy='pad' or 'trim' in CVVAE.encode")
+
+
+# ------------------------------------------------------------------------------------------
+# Output streaming
+# ------------------------------------------------------------------------------------------
+def _output_buffer(shape, opts: TilingOptions, compute: torch.device) -> torch.Tensor:
+    out_dev = torch.device(opts.output_device)
+    pin = out_dev.type == "cpu" and compute.type == "cuda"
+    return torch.empty(shape, dtype=torch.float32, device=out_dev, pin_memory=pin)
+
+
+def _finish(out: torch.Tensor, compute: torch.device) -> torch.Tensor:
+    if compute.type == "cuda":
+        torch.cuda.synchronize(compute)  # the non-blocking copies into ``out`` must land first
     return out
+
+
+def _untiled(model, opts: TilingOptions, x: torch.Tensor, what: str) -> torch.Tensor:
+    prog = _Progress(opts, 1)
+    prog.check()
+    y = model.encode_moments(x) if what == "encode" else model.decode_latent(x)
+    out = _output_buffer(y.shape, opts, model.device)
+    out.copy_(y, non_blocking=True)
+    prog.step()
+    return _finish(out, model.device)
+
+
+# ------------------------------------------------------------------------------------------
+# Seamless mode
+# ------------------------------------------------------------------------------------------
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan) -> torch.Tensor:
+    enc, cfg, dev, dtype = model.encoder, model.config, model.device, model.dtype
+    b, _, t, h, w = video.shape
+    s = cfg.spatial_compression
+    tiles = st.make_tiles(h, w, plan.tile, st.encoder_halo(cfg), s)
+    chunks = _chunks(t, plan.chunk)
+    if len(tiles) == 1 and len(chunks) == 1:
+        return _untiled(model, opts, video, "encode")
+    prog = _Progress(opts, (1 + opts.stats_passes) * len(tiles) * len(chunks) + 1)
+    book = st.StatsBook()
+
+    def down_path(collect: bool, feats: torch.Tensor | None):
+        streams = [st.encoder_stream(enc, tile, book, collect) for tile in tiles]
+        written = [0] * len(tiles)
+        for ci, (a, z) in enumerate(chunks):
+            last = ci == len(chunks) - 1
+            for k, tile in enumerate(tiles):
+                prog.check()
+                x = video[:, :, a:z, tile.hr0:tile.hr1, tile.hc0:tile.hc1].to(dev, dtype, non_blocking=True)
+                y = st.run_stream(streams[k], x, last)
+                if y is not None and feats is not None:
+                    r0, r1, c0, c1 = tile.owned(1, s)
+                    n = y.shape[2]
+                    feats[:, :, written[k]:written[k] + n, tile.r0 // s:tile.r1 // s, tile.c0 // s:tile.c1 // s] = \
+                        y[:, :, :, r0:r1, c0:c1]
+                    written[k] += n
+                prog.step()
+        return written
+
+    for _ in range(opts.stats_passes):
+        down_path(True, None)
+        book.freeze()
+    feats = torch.empty(b, cfg.level_channels[-1], cfg.latent_frames(t), h // s, w // s, device=dev, dtype=dtype)
+    written = down_path(False, feats)
+    assert all(n == feats.shape[2] for n in written), (written, feats.shape)
+    prog.check()
+    # The low-resolution head runs whole: its norms, causal convs and per-frame attention are exact.
+    moments = enc.conv_out(F.silu(enc.norm_out(enc.mid(feats))))
+    out = _output_buffer(moments.shape, opts, dev)
+    out.copy_(moments, non_blocking=True)
+    prog.step()
+    return _finish(out, dev)
+
+
+def _seamless_decode(model, latent: torch.Tensor, opts: TilingOptions, plan: Plan) -> torch.Tensor:
+    dec, cfg, dev, dtype = model.decoder, model.config, model.device, model.dtype
+    b, _, n_lat, lh, lw = latent.shape
+    s, tc = cfg.spatial_compression, cfg.time_compression
+    tiles = st.make_tiles(lh, lw, max(1, plan.tile // s), st.decoder_halo(cfg), 1)
+    chunks = _chunks(n_lat, max(1, plan.chunk // tc))
+    if len(tiles) == 1 and len(chunks) == 1:
+        return _untiled(model, opts, latent, "decode")
+    prog = _Progress(opts, 1 + (1 + opts.stats_passes) * len(tiles) * len(chunks))
+    prog.check()
+    # Input conv and mid-block (temporal attention over the whole sequence) at 1/8 resolution: whole.
+    mid = dec.mid(dec.conv_in(latent.to(dev, dtype)))
+    prog.step()
+    book = st.StatsBook()
+    out = _output_buffer((b, cfg.in_channels, cfg.video_frames(n_lat), lh * s, lw * s), opts, dev)
+
+    def up_path(collect: bool, write: bool):
+        streams = [st.decoder_stream(dec, tile, book, collect) for tile in tiles]
+        written = [0] * len(tiles)
+        for ci, (a, z) in enumerate(chunks):
+            last = ci == len(chunks) - 1
+            for k, tile in enumerate(tiles):
+                prog.check()
+                y = st.run_stream(streams[k], mid[:, :, a:z, tile.hr0:tile.hr1, tile.hc0:tile.hc1], last)
+                if y is not None and write:
+                    r0, r1, c0, c1 = tile.owned(s, 1)
+                    n = y.shape[2]
+                    out[:, :, written[k]:written[k] + n, tile.r0 * s:tile.r1 * s, tile.c0 * s:tile.c1 * s].copy_(
+                        y[:, :, :, r0:r1, c0:c1], non_blocking=True)
+                    written[k] += n
+                prog.step()
+        return written
+
+    for _ in range(opts.stats_passes):
+        up_path(True, False)
+        book.freeze()
+    written = up_path(False, True)
+    assert all(n == out.shape[2] for n in written), (written, out.shape)
+    return _finish(out, dev)
+
+
+# ------------------------------------------------------------------------------------------
+# Official mode: a re-statement of CVVAEModel.tiled_encode / tiled_decode (models/modeling_vae.py)
+# ------------------------------------------------------------------------------------------
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Start offsets ``0, stride, ...``, stopping after the first tile that reaches the end."""
+    starts = []
+    for i in range(0, size, stride):
+        starts.append(i)
+        if i + tile >= size:
+            break
+    return starts
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, overlap: int, dim: int):
+    """In place, as the official ``blend_v``/``blend_h``: the first ``overlap`` rows/columns of b
+    fade in from a's last ones with weights k/overlap (float32 weights, result in b's dtype)."""
+    shape = [1] * b.dim()
+    shape[dim] = overlap
+    wb = (torch.arange(overlap, device=b.device) / overlap).view(shape)
+    head = b.narrow(dim, 0, overlap)
+    head.copy_((1 - wb) * a.narrow(dim, a.shape[dim] - overlap, overlap) + wb * head)
+
+
+def _official_spatial(fn, x: torch.Tensor, tile: int, stride: int, overlap: int, out_stride: int,
+                      prog: _Progress, store: torch.device) -> torch.Tensor:
+    rows = []
+    for i in _tile_starts(x.shape[3], tile, stride):
+        cols = []
+        for j in _tile_starts(x.shape[4], tile, stride):
+            prog.check()
+            cols.append(fn(x[:, :, :, i:i + tile, j:j + tile]).to(store, non_blocking=True))
+            prog.step()
+        rows.append(cols)
+    if store.type == "cpu" and x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    for i, cols in enumerate(rows):
+        for j, t in enumerate(cols):
+            if i > 0:
+                _blend(rows[i - 1][j], t, overlap, 3)
+            if j > 0:
+                _blend(cols[j - 1], t, overlap, 4)
+    out_rows = []
+    for i, cols in enumerate(rows):
+        kept = [t[:, :, :, :out_stride if i < len(rows) - 1 else None, :out_stride if j < len(cols) - 1 else None]
+                for j, t in enumerate(cols)]
+        out_rows.append(torch.cat(kept, dim=4))
+    return torch.cat(out_rows, dim=3)
+
+
+def _official_geometry(model, opts: TilingOptions) -> tuple[int, float, int]:
+    p, r, f = opts.tile_size or OFFICIAL_TILE, opts.overlap, opts.chunk_frames or OFFICIAL_CHUNK
+    s, lat = model.config.spatial_compression, p // model.config.spatial_compression
+    # The official code rounds pixel and latent strides separately; they agree only for some
+    # sizes (all multiples of 72 at the release ratio). Elsewhere its tiles would not line up.
+    if round(p * (1 - r)) != s * (lat - round(lat * r)) or round(lat * (1 - r)) * s != p - round(p * r):
+        raise InputError(f"official mode: tile_size {p} with overlap {r} gives pixel and latent strides that do "
+                         "not line up (the official code would misalign tiles); use a multiple of 72 px, e.g. "
+                         "576 (the release value), 144 or 72")
+    if f % model.config.time_compression:
+        raise InputError(f"official mode needs chunk_frames divisible by {model.config.time_compression}, got {f}")
+    return p, r, f
+
+
+def _official_encode(model, video: torch.Tensor, opts: TilingOptions) -> torch.Tensor:
+    cfg, dev, dtype = model.config, model.device, model.dtype
+    p, r, f = _official_geometry(model, opts)
+    lat = p // cfg.spatial_compression
+    pixel_stride, lat_overlap = round(p * (1 - r)), round(lat * r)
+    t, h, w = video.shape[2:]
+    rounds = max(1, math.ceil((t - 1) / f))
+    n_tiles = len(_tile_starts(h, p, pixel_stride)) * len(_tile_starts(w, p, pixel_stride))
+    prog = _Progress(opts, rounds * n_tiles)
+    store = torch.device(opts.output_device)
+    out = _output_buffer((video.shape[0], 2 * cfg.latent_channels, cfg.latent_frames(t),
+                          h // cfg.spatial_compression, w // cfg.spatial_compression), opts, dev)
+    pos = 0
+    for n in range(rounds):
+        chunk = video[:, :, n * f:(n + 1) * f + 1].to(dev, dtype)
+        z = _official_spatial(model.encoder, chunk, p, pixel_stride, lat_overlap, lat - lat_overlap, prog, store)
+        z = z if n == 0 else z[:, :, 1:]
+        out[:, :, pos:pos + z.shape[2]].copy_(z, non_blocking=True)
+        pos += z.shape[2]
+    return _finish(out[:, :, :pos], dev)
+
+
+def _official_decode(model, latent: torch.Tensor, opts: TilingOptions) -> torch.Tensor:
+    cfg, dev, dtype = model.config, model.device, model.dtype
+    p, r, f = _official_geometry(model, opts)
+    lat = p // cfg.spatial_compression
+    lat_stride, pix_overlap = round(lat * (1 - r)), round(p * r)
+    fl = f // cfg.time_compression
+    n, h, w = latent.shape[2:]
+    rounds = max(1, math.ceil((n - 1) / fl))
+    n_tiles = len(_tile_starts(h, lat, lat_stride)) * len(_tile_starts(w, lat, lat_stride))
+    prog = _Progress(opts, rounds * n_tiles)
+    store = torch.device(opts.output_device)
+    s = cfg.spatial_compression
+    out = _output_buffer((latent.shape[0], cfg.in_channels, cfg.video_frames(n), h * s, w * s), opts, dev)
+    pos = 0
+    for k in range(rounds):
+        chunk = latent[:, :, k * fl:(k + 1) * fl + 1].to(dev, dtype)
+        x = _official_spatial(model.decoder, chunk, lat, lat_stride, pix_overlap, p - pix_overlap, prog, store)
+        x = x if k == 0 else x[:, :, 1:]
+        out[:, :, pos:pos + x.shape[2]].copy_(x, non_blocking=True)
+        pos += x.shape[2]
+    return _finish(out[:, :, :pos], dev)
