@@ -9,6 +9,7 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import folder_paths
 
+from ..cvvae_core import builtin
 from ..cvvae_core.errors import CheckpointError, CheckpointNotFoundError
 from ..cvvae_core.frames import FrameAdjustment, FramedLatent
 from . import runtime
@@ -38,15 +39,11 @@ def register_model_folder():
 
 
 def builtin_path() -> str | None:
+    """The shipped demo model, or None when this copy of the pack lacks its weights."""
     try:
-        from ..cvvae_core import builtin
-    except ImportError:
+        return os.fspath(builtin.builtin_path())
+    except CheckpointNotFoundError:
         return None
-    try:
-        path = builtin.builtin_path()
-    except Exception:  # weights not shipped/installed
-        return None
-    return os.fspath(path) if path is not None and os.path.exists(path) else None
 
 
 def model_choices() -> list[str]:

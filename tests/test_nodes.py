@@ -109,7 +109,9 @@ def test_old_comfyui_logs_one_line_and_loads_nothing(caplog):
 def test_loader_lists_vae_and_cvvae_folders_and_builtin_only_when_present(models, monkeypatch, tmp_path):
     names = nodes.model_choices()
     assert "tiny_cvvae.safetensors" in names and "tiny_cvvae_sd3.safetensors" in names
-    assert nodes.BUILTIN_NAME not in names
+    assert names[0] == nodes.BUILTIN_NAME  # the pack ships its demo model
+    monkeypatch.setattr(cvvae_core.builtin, "WEIGHTS_DIR", tmp_path / "missing")
+    assert nodes.BUILTIN_NAME not in nodes.model_choices()
     builtin = cvvae_core.save_model(cvvae_core.CVVAE(TINY), tmp_path / "builtin.safetensors")
     monkeypatch.setattr(nodes, "builtin_path", lambda: str(builtin))
     assert nodes.model_choices()[0] == nodes.BUILTIN_NAME
