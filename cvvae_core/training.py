@@ -243,12 +243,16 @@ class Trainer:
         self.step_count = 0
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.image_vae: ImageVAE | None = None
-        if cfg.model == "image_vae":
-            self.model = ImageVAE(ImageVAEConfig.from_dict(cfg.image_vae_config))
-        else:
-            if cfg.image_vae is not None:
-                self.image_vae = load_image_vae(cfg.image_vae)
-            self.model = self._init_cvvae()
+        # Weights that initialisation leaves random (e.g. the temporal attention after inflation)
+        # come from the run's seed, not from whatever the global generator was left at.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if cfg.model == "image_vae":
+                self.model = ImageVAE(ImageVAEConfig.from_dict(cfg.image_vae_config))
+            else:
+                if cfg.image_vae is not None:
+                    self.image_vae = load_image_vae(cfg.image_vae)
+                self.model = self._init_cvvae()
             if self.image_vae is not None:
                 self.image_vae = self.image_vae.to(self.device).requires_grad_(False).eval()
         self.model = self.model.float().to(self.device).train().requires_grad_(True)
