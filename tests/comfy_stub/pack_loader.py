@@ -1,7 +1,9 @@
 """Import the pack the way ComfyUI does (its directory as a package, via its __init__.py) against
 this stand-in. Usage: ``from pack_loader import load_pack`` once this folder is on sys.path."""
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -14,7 +16,10 @@ PACK_NAME = "cvvae_pack"
 def load_pack(name=PACK_NAME):
     if name in sys.modules:
         return sys.modules[name]
-    os.environ.setdefault("COMFY_STUB_MODELS", tempfile.mkdtemp(prefix="cvvae_stub_models_"))
+    if "COMFY_STUB_MODELS" not in os.environ:
+        models = tempfile.mkdtemp(prefix="cvvae_stub_models_")
+        atexit.register(shutil.rmtree, models, ignore_errors=True)
+        os.environ["COMFY_STUB_MODELS"] = models
     if str(STUB) not in sys.path:
         sys.path.insert(0, str(STUB))
     spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
