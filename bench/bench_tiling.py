@@ -132,7 +132,7 @@ def main():
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="seamless dtype (default fp16 on CUDA, fp32 on CPU)")
     ap.add_argument("--tile", type=int, default=None, help="seamless tile size (default: automatic)")
     ap.add_argument("--chunk", type=int, default=None, help="seamless chunk frames (default: automatic)")
-    ap.add_argument("--stats-passes", type=int, default=1)
+    ap.add_argument("--stats-passes", type=int, default=None, help="default: the engine's (1 whole frames, 2 tiled)")
     ap.add_argument("--official-tile", type=int, default=tiling.OFFICIAL_TILE)
     ap.add_argument("--official-chunk", type=int, default=tiling.OFFICIAL_CHUNK)
     ap.add_argument("--threads", type=int, default=2)

@@ -242,7 +242,15 @@ def test_progress_counts_every_tile_once(sd_model):
     tiling.encode_moments(sd_model, video(1, 9, 32, 48), opts)
     total = seen[0][1]
     assert [d for d, _ in seen] == list(range(1, total + 1)) and all(t == total for _, t in seen)
-    assert total == 2 * 4 * 3 + 1  # (stats pass + output pass) x 4 tiles x 3 chunks + the mid-block
+    # (2 statistics passes, the default with spatial tiles, + output pass) x 4 tiles x 3 chunks + the mid-block
+    assert total == 3 * 4 * 3 + 1
+
+
+def test_one_statistics_pass_by_default_for_whole_frames(sd_model):
+    seen = []
+    opts = tiling.TilingOptions(tile_size=64, chunk_frames=4, progress=lambda d, t: seen.append((d, t)))
+    tiling.encode_moments(sd_model, video(1, 9, 32, 48), opts)
+    assert seen[0][1] == 2 * 1 * 3 + 1  # (1 statistics pass + output pass) x 1 tile x 3 chunks + the mid-block
 
 
 def test_tiles_cover_the_frame_once_and_stay_aligned():
