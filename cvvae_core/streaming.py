@@ -14,10 +14,11 @@ function. This executor removes both causes:
   only its core is kept.
 * **GroupNorm statistics.** :class:`StatsBook` sums the statistics of every norm over the
   voxels each tile *owns* (core only, each frame once), so the sums cover the clip exactly once.
-  A first pass collects them while normalising each tile-chunk on its own statistics; the
-  second pass normalises every tile with these clip-wide statistics. They are estimates (the
-  first pass' activations are themselves tile-normalised) but the per-tile errors average out
-  over the clip; see ``bench/bench_tiling.py`` for the measured effect.
+  A first pass collects them while normalising each tile-chunk on its own statistics; a further
+  gathering pass (the default when frames are split into spatial tiles) normalises with the
+  previous pass's statistics, and the output pass normalises every tile with the last ones.
+  They are estimates (the gathering passes' activations are themselves normalised with
+  approximate statistics) that converge with the passes; see ``bench/`` for the measured effect.
 * **The low-resolution middle** (encoder mid-block + output head; decoder input conv + mid-block
   with its whole-sequence temporal attention) runs on the whole latent sequence and whole frame
   with the model's own modules: it is 1/8 of the resolution, its spatial attention is global
