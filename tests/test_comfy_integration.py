@@ -75,9 +75,11 @@ def object_info(server):
 
 
 def cvvae_overrides(object_info):
+    """Run every Load CV-VAE on the built-in model (workflows that name a release file, e.g. the SVD
+    swap's vae3d_v1-1, cannot download it here), or on a tiny random CV-VAE without the weights."""
     options = object_info["CVVAELoader"]["input"]["required"]["model_name"][1]["options"]
     if BUILTIN in options:
-        return {}
+        return {("CVVAELoader", "model_name"): BUILTIN}
     note("built-in weights not installed: the tiny random CV-VAE stands in for them")
     return {("CVVAELoader", "model_name"): "tiny_random_cvvae.safetensors"}
 
