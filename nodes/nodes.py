@@ -105,6 +105,15 @@ class CVVAELoader(io.ComfyNode):
         return io.NodeOutput(vae)
 
 
+def tiling_inputs() -> list:
+    """The tiling knobs shared by Video Encode and Video Decode."""
+    return [
+        io.Combo.Input("tiling", options=runtime.TILING_MODES, default="auto", tooltip=runtime.TILING_TOOLTIP),
+        io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=runtime.TILE_SIZE_TOOLTIP),
+        io.Int.Input("chunk_frames", default=0, min=0, max=4097, step=1, tooltip=runtime.CHUNK_TOOLTIP),
+    ]
+
+
 class CVVAEVideoEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -118,9 +127,7 @@ class CVVAEVideoEncode(io.ComfyNode):
                                tooltip="CV-VAE needs 1+4k frames (1, 5, 9, 17, ...) and sizes divisible by 8. "
                                        "pad = repeat the last frame/edge pixels, removed again by CV-VAE Video "
                                        "Decode; trim = drop the extra frames/pixels; error = stop and say so."),
-                io.Combo.Input("tiling", options=runtime.TILING_MODES, default="auto", tooltip=runtime.TILING_TOOLTIP),
-                io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=runtime.TILE_SIZE_TOOLTIP),
-                io.Int.Input("chunk_frames", default=0, min=0, max=4097, step=1, tooltip=runtime.CHUNK_TOOLTIP),
+                *tiling_inputs(),
             ],
             outputs=[io.Latent.Output(display_name="LATENT")])
 
@@ -154,9 +161,7 @@ class CVVAEVideoDecode(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE from 'Load CV-VAE'; its channels (4 or 16) must match the latent."),
                 io.Latent.Input("samples", tooltip="A 5D video latent, e.g. from CV-VAE Video Encode or the adapter. "
                                                    "Padding recorded by Video Encode is removed again."),
-                io.Combo.Input("tiling", options=runtime.TILING_MODES, default="auto", tooltip=runtime.TILING_TOOLTIP),
-                io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=runtime.TILE_SIZE_TOOLTIP),
-                io.Int.Input("chunk_frames", default=0, min=0, max=4097, step=1, tooltip=runtime.CHUNK_TOOLTIP),
+                *tiling_inputs(),
             ],
             outputs=[io.Image.Output(display_name="IMAGE")])
 
