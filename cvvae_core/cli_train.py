@@ -4,11 +4,7 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
-import struct
-import sys
-import zlib
 from pathlib import Path
 
 import torch
@@ -99,25 +95,18 @@ def cmd_compat(args) -> int:
     return 0
 
 
-def write_png(path: Path, video: torch.Tensor) -> None:
-    """Frames of a ``[3, T, H, W]`` clip in [-1, 1] side by side, as an RGB PNG (no imaging library needed)."""
+def clip_strip(video: torch.Tensor) -> torch.Tensor:
+    """A ``[3, T, H, W]`` clip in [-1, 1] as one uint8 ``[H, T*W, 3]`` image, frames side by side."""
     frames = ((video.clamp(-1, 1) + 1) * 127.5).round().byte()
     c, t, h, w = frames.shape
-    rows = frames.permute(2, 1, 3, 0).reshape(h, t * w, c).numpy()
-    raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", t * w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                     + chunk(b"IEND", b""))
+    return frames.permute(2, 1, 3, 0).reshape(h, t * w, c)
 
 
 def cmd_demo(args) -> int:
     from .builtin import builtin_path, load_builtin, load_builtin_image_vae
     from .compat import compat_report, format_report
     from .synthetic import SyntheticConfig, generate_clip
+    from .video_io import write_png
 
     model, image_vae = load_builtin(dtype=torch.float32), load_builtin_image_vae()
     h, w = args.size
@@ -127,24 +116,12 @@ def cmd_demo(args) -> int:
     latent = model.encode(clip)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_png(out / "input.png", clip[0])
-    write_png(out / "reconstruction.png", model.decode(latent)[0])
-    write_png(out / "image_decoder.png", image_vae.decode_video(latent)[0])
+    write_png(out / "input.png", clip_strip(clip[0]))
+    write_png(out / "reconstruction.png", clip_strip(model.decode(latent)[0]))
+    write_png(out / "image_decoder.png", clip_strip(image_vae.decode_video(latent)[0]))
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"built-in model {builtin_path().name}: generated clip seed {args.seed}")
     print(format_report(report))
     print(f"wrote {out}/input.png, reconstruction.png, image_decoder.png (latent frame i decoded by the image "
           "decoder), metrics.json")
     return 0
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry for these subcommands (the package CLI wires ``register`` into its own parser)."""
-    parser = argparse.ArgumentParser(prog="python -m cvvae_core.cli_train")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,46 +12,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 from .image_vae import ImageVAE
 from .metrics import psnr, ssim
 from .model import CVVAE
 from .synthetic import SyntheticConfig, generate_clip
-
-
-def read_video(path, frames: int, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """The first ``frames`` frames of a video file as ``[1, 3, T, H, W]`` in [-1, 1]; ``size``
-    (H, W) resizes (area filter), else the frame is cropped to a multiple of 8."""
-    import av
-
-    out = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            out.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
-            if len(out) == frames:
-                break
-    if not out:
-        raise InputError(f"{path} has no decodable video frames")
-    video = torch.stack(out).permute(3, 0, 1, 2).float().div(127.5).sub(1).unsqueeze(0)
-    if size is not None:
-        b, c, t, h, w = video.shape
-        flat = video.transpose(1, 2).flatten(0, 1)
-        video = F.interpolate(flat, size=size, mode="area").unflatten(0, (b, t)).transpose(1, 2)
-    h, w = video.shape[-2:]
-    return video[..., : h // 8 * 8, : w // 8 * 8]
+from .video_io import read_video, to_model_range
 
 
 def load_clip(spec: str, frames: int = 17, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """``synthetic:SEED`` (a generated clip, 64x64 unless ``size``) or a video file path."""
+    """``synthetic:SEED`` (a generated clip, 64x64 unless ``size``) or a video file path (scaled to
+    cover ``size`` (H, W) and centre-cropped when given, then cropped to multiples of 8)."""
     if spec.startswith("synthetic"):
         seed = int(spec.partition(":")[2] or 0)
         h, w = size or (64, 64)
         return generate_clip(seed, SyntheticConfig(frames=frames, height=h, width=w)).unsqueeze(0)
     if not Path(spec).is_file():
         raise InputError(f"clip {spec!r} is neither a video file nor 'synthetic:SEED'")
-    return read_video(spec, frames, size)
+    h, w = size or (None, None)
+    video = to_model_range(read_video(spec, max_frames=frames, height=h, width=w)[0])
+    return video[..., : video.shape[-2] // 8 * 8, : video.shape[-1] // 8 * 8]
 
 
 def usable_frames(video: torch.Tensor) -> torch.Tensor:

@@ -197,6 +197,8 @@ def load_comfy_vae(path: str, dtype_choice: str = "auto", name: str | None = Non
         if vae is not None:
             return vae
         # Build on the offload device in fp32; the VAE object casts to its working dtype.
+        # The user picked the file from ComfyUI's model list, which offers .ckpt/.pt too; like ComfyUI's
+        # own loaders these are read with torch.load(weights_only=True), never fully unpickled.
         cvvae = load_model(path, device="cpu", dtype=torch.float32, allow_pickle=True)
         vae = CVVAEComfyVAE(cvvae, name=name or os.path.basename(path), dtype=dtype)
         _cache[key] = vae

@@ -56,7 +56,7 @@ def test_builtin_loads_with_the_public_loader_and_reconstructs(models):
 
 
 def test_compat_command_on_the_builtin_model(capsys):
-    from cvvae_core.cli_train import main
+    from cvvae_core.cli import main
 
     assert main(["compat", "builtin", "builtin", "synthetic:1001", "--frames", "9", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
