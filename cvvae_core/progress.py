@@ -1,4 +1,6 @@
-"""A dependency-free text progress bar usable as a ``progress(done, total)`` callback."""
+"""A dependency-free text progress bar usable as a ``progress(done, total)`` callback.
+
+On a terminal it redraws one line; into a log file it writes one line per update."""
 from __future__ import annotations
 
 import sys
@@ -8,13 +10,24 @@ import time
 class TextProgress:
     def __init__(self, label: str, stream=None, width: int = 30):
         self.label, self.stream, self.width = label, stream or sys.stderr, width
+        self.tty = self.stream.isatty()
         self.start = time.monotonic()
+        self.open_line = False
 
     def __call__(self, done: int, total: int, suffix: str = ""):
         total = max(total, 1)
         filled = round(self.width * done / total)
         elapsed = time.monotonic() - self.start
-        bar = "#" * filled + "-" * (self.width - filled)
-        end = "\n" if done >= total else ""
-        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {elapsed:5.1f}s {suffix}{end}")
+        line = f"{self.label} [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total} {elapsed:5.1f}s {suffix}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+            self.open_line = done < total
+        else:
+            self.stream.write(line + "\n")
         self.stream.flush()
+
+    def close(self):
+        """End a line left open (a loop that stopped before ``total``)."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.open_line = False

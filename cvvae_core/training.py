@@ -49,6 +49,7 @@ from .errors import CVVAEError
 from .image_vae import ImageVAE, ImageVAEConfig, load_image_vae, save_image_vae
 from .inflate import inflate, video_config
 from .model import CVVAE
+from .progress import TextProgress
 from .synthetic import SyntheticConfig, generate_batch
 
 MODELS = ("image_vae", "cvvae")
@@ -326,12 +327,7 @@ class Trainer:
     # Checkpoints -----------------------------------------------------------------------------
     def save(self, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
-        model = self.model.eval()
-        if self.cfg.model == "cvvae":
-            save_model(model, out_dir / "checkpoint")
-        else:
-            save_image_vae(model, out_dir / "image_vae.safetensors")
-        model.train()
+        self.save_snapshot(out_dir / ("checkpoint" if self.cfg.model == "cvvae" else "image_vae"))
         state = {"step": self.step_count, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                  "scheduler": self.sched.state_dict(), "loss": self.loss.state_dict(),
                  "generator": self.gen.get_state(), "config": dataclasses.asdict(self.cfg)}
@@ -366,29 +362,6 @@ class Trainer:
         return True
 
 
-class ProgressBar:
-    """A dependency-free progress bar: redraws one line on a terminal, prints plain lines otherwise."""
-
-    def __init__(self, total: int, start: int = 0, stream=None):
-        self.total, self.start, self.t0 = total, start, time.time()
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-
-    def update(self, step: int, logs: dict):
-        rate = (step - self.start) / max(1e-9, time.time() - self.t0)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        frac = step / self.total
-        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        vals = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k in ("loss", "rec_l1", "rec2d_l1", "kl"))
-        line = f"[{bar}] {step}/{self.total} {vals} {rate:.2f} it/s eta {eta / 60:.1f} min"
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self):
-        if self.tty:
-            self.stream.write("\n")
-
-
 def train(cfg: TrainConfig, device=None, resume: bool = True) -> Path:
     """Run (or resume) a training run; returns the output folder."""
     if cfg.threads:
@@ -399,7 +372,7 @@ def train(cfg: TrainConfig, device=None, resume: bool = True) -> Path:
         print(f"resumed from {out_dir / 'training_state.pt'} at step {trainer.step_count}", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    bar = ProgressBar(cfg.steps, trainer.step_count)
+    bar, first_step = TextProgress("train"), trainer.step_count
     t0 = time.time()
     with open(out_dir / "log.jsonl", "a") as log:
         while trainer.step_count < cfg.steps:
@@ -409,13 +382,17 @@ def train(cfg: TrainConfig, device=None, resume: bool = True) -> Path:
                 logs.update(step=step, seconds=round(time.time() - t0, 1))
                 log.write(json.dumps(logs) + "\n")
                 log.flush()
-                bar.update(step, logs)
+                rate = (step - first_step) / max(1e-9, time.time() - t0)
+                eta = (cfg.steps - step) / rate / 60 if rate > 0 else float("inf")
+                values = " ".join(f"{k}={logs[k]:.4g}" for k in ("loss", "rec_l1", "rec2d_l1", "kl") if k in logs)
+                bar(step, cfg.steps, f"{values} {rate:.2f} it/s eta {eta:.1f} min")
             if step % cfg.save_every == 0:
                 trainer.save(out_dir)
             if step in cfg.snapshot_steps:
                 trainer.save_snapshot(out_dir / f"checkpoint-{step}")
             if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
-                print(f"\nstopping at step {step}: max_minutes={cfg.max_minutes} reached", file=sys.stderr)
+                bar.close()
+                print(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached", file=sys.stderr)
                 break
     bar.close()
     trainer.save(out_dir)
