@@ -203,7 +203,7 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
+def read_safetensors(path: Path) -> tuple[dict, dict]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -279,7 +279,7 @@ def read_state_dict(path, allow_pickle: bool = False, subfolder: str | None = No
                 ".safetensors release, or pass allow_pickle=True (loaded with torch.load(weights_only=True)).")
         sd, metadata = _read_pickle(file), {}
     elif kind == "safetensors" or suffix in SAFETENSORS_SUFFIXES:
-        sd, metadata = _read_safetensors(file)
+        sd, metadata = read_safetensors(file)
     else:
         raise CheckpointCorruptError(f"{file.name} is neither a safetensors nor a PyTorch checkpoint.")
     if not sd:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointCorruptError, CheckpointKeyError, CheckpointNotFoundError
+from .errors import CheckpointKeyError, CheckpointNotFoundError
 
 PREFIXES = ("first_stage_model.", "vae.", "")
 
@@ -271,17 +271,12 @@ def detect_image_config(sd: dict, hints: dict | None = None) -> ImageVAEConfig:
 
 def load_image_vae(path, device=None, dtype=torch.float32) -> ImageVAE:
     """Load an LDM-layout image VAE from ``.safetensors`` (frozen, eval mode)."""
-    from safetensors import SafetensorError, safe_open
+    from .checkpoint import read_safetensors
 
     path = Path(os.fspath(path))
     if not path.is_file():
         raise CheckpointNotFoundError(f"image VAE file {path} does not exist; pass the path of a .safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise CheckpointCorruptError(f"{path} is not a readable .safetensors file ({e}); re-download or re-export it")
+    sd, meta = read_safetensors(path)
     sd = strip_vae_prefix(sd)
     hints = json.loads(meta["image_vae_config"]) if "image_vae_config" in meta else None
     cfg = detect_image_config(sd, hints)
