@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import read_safetensors
 from .errors import CheckpointKeyError, CheckpointNotFoundError
 
 PREFIXES = ("first_stage_model.", "vae.", "")
@@ -271,8 +272,6 @@ def detect_image_config(sd: dict, hints: dict | None = None) -> ImageVAEConfig:
 
 def load_image_vae(path, device=None, dtype=torch.float32) -> ImageVAE:
     """Load an LDM-layout image VAE from ``.safetensors`` (frozen, eval mode)."""
-    from .checkpoint import read_safetensors
-
     path = Path(os.fspath(path))
     if not path.is_file():
         raise CheckpointNotFoundError(f"image VAE file {path} does not exist; pass the path of a .safetensors file")
