@@ -29,6 +29,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 ANCHOR = "encoder.conv_in.weight"
 OFFICIAL_CLASS = {"sd": "CVVAEModel", "sd3": "CVVAESD3Model"}
+BUILTIN = "builtin"
 
 
 # Key translation (SD3 official names <-> internal names) ------------------------------------
@@ -203,6 +204,19 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
+def write_safetensors(sd: dict, path: Path, metadata: dict) -> None:
+    """``safetensors.torch.save_file`` with the permissions any other new file gets.
+
+    safetensors writes through a private temporary file (mode 0600) and renames it; give the
+    result the usual ``0666 & ~umask`` (0644 under the default umask) so others can read it."""
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def read_safetensors(path: Path) -> tuple[dict, dict]:
     from safetensors import SafetensorError, safe_open
 
@@ -232,7 +246,14 @@ def _read_pickle(path: Path) -> dict:
 
 
 def resolve_path(path, subfolder: str | None = None) -> tuple[Path, dict]:
-    """The weights file for ``path`` and the parsed ``config.json`` next to it (or ``{}``)."""
+    """The weights file for ``path`` and the parsed ``config.json`` next to it (or ``{}``).
+
+    ``"builtin"`` names the small model that ships inside the package (a folder of that name in
+    the working directory is reached as ``"./builtin"``)."""
+    if os.fspath(path) == BUILTIN:
+        from .builtin import builtin_path  # imported here: builtin.py builds on this module
+
+        return builtin_path(), {}
     path = Path(os.fspath(path)).expanduser()
     if not path.exists():
         raise CheckpointNotFoundError(f"No such file or folder: {path}")
@@ -331,14 +352,17 @@ def build_model(sd: dict, hints: dict | None = None, source: str = "checkpoint",
                 device=None, dtype=None) -> CVVAE:
     """A :class:`CVVAE` holding the official-layout state dict ``sd``."""
     cfg = detect_config({k: tuple(v.shape) for k, v in sd.items()}, hints)
-    with torch.device("meta"):
-        model = CVVAE(cfg)
-    internal = to_internal(sd, cfg)
-    _check_keys(model.state_dict(), internal, cfg, source)
-    model.load_state_dict(internal, strict=True, assign=True)
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or default_dtype(device)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    with torch.device("meta"):
+        model = CVVAE(cfg).to(dtype)
+    internal = to_internal(sd, cfg)
+    _check_keys(model.state_dict(), internal, cfg, source)
+    # The reader's tensors are views of the memory-mapped file: unaligned (kernels may round
+    # differently on them) and changed by anyone who rewrites the file in place. Copy each one
+    # once, cast on the way, into fresh memory of the final dtype on the final device.
+    model.to_empty(device=device).load_state_dict(internal, strict=True)
+    return model.eval().requires_grad_(False)
 
 
 def load_model(path, device=None, dtype=None, *, allow_pickle: bool = False, subfolder: str | None = None) -> CVVAE:
@@ -373,8 +397,6 @@ def official_config_json(cfg: CVVAEConfig) -> dict:
 def save_model(model: CVVAE, path, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` in the official layout: a ``.safetensors`` path gives one file; any other
     path gives a release folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
-    from safetensors.torch import save_file
-
     cfg = model.config
     sd = to_official(model.state_dict(), cfg)
     sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in sd.items()}
@@ -382,9 +404,9 @@ def save_model(model: CVVAE, path, dtype: torch.dtype | None = None) -> Path:
     path = Path(os.fspath(path))
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(path), metadata=metadata)
+        write_safetensors(sd, path, metadata)
         return path
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(official_config_json(cfg), indent=2))
-    save_file(sd, str(path / WEIGHTS_NAME), metadata=metadata)
+    write_safetensors(sd, path / WEIGHTS_NAME, metadata)
     return path

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import read_safetensors
+from .checkpoint import read_safetensors, write_safetensors
 from .errors import CheckpointKeyError, CheckpointNotFoundError
 
 PREFIXES = ("first_stage_model.", "vae.", "")
@@ -290,11 +290,9 @@ def load_image_vae(path, device=None, dtype=torch.float32) -> ImageVAE:
 
 
 def save_image_vae(model: ImageVAE, path, dtype: torch.dtype | None = None) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata={"format": "pt", "image_vae_config": json.dumps(model.config.to_dict())})
+    write_safetensors(sd, path, {"format": "pt", "image_vae_config": json.dumps(model.config.to_dict())})
     return path
 
