@@ -109,8 +109,14 @@ def test_templates_browser_lists_the_workflows_once(server):
     assert sorted(templates.get("ComfyUI-CV-VAE", [])) == sorted(WORKFLOWS), templates
 
 
-def test_core_snapshot_still_matches(object_info):
-    for name, snap in workflow_check.core_object_info().items():
+@pytest.fixture(scope="module")
+def comfy_version(server):
+    return server.get("/system_stats")["system"]["comfyui_version"]
+
+
+def test_core_snapshot_still_matches(object_info, comfy_version):
+    """The snapshot of this ComfyUI version, which the CI workflow checks use, matches the live schemas."""
+    for name, snap in workflow_check.core_object_info(comfy_version).items():
         live = object_info.get(name)
         assert live is not None, f"core node {name} missing"
         assert live["input_order"] == snap["input_order"] and live["output"] == snap["output"], name
@@ -170,18 +176,37 @@ def test_svd_swap_workflow_runs_end_to_end(server, object_info):
     note(f"02_svd_img2vid_cvvae: {RESULTS['02_svd_img2vid_cvvae']}")
 
 
-def browser_tool():
+def browser_tool() -> tuple[str | None, str]:
+    """(path of comfy_browser.mjs, "") when it can run here, else (None, why not). Looks where the tool
+    itself looks: chromium at $CHROMIUM or /usr/bin/chromium, playwright-core next to
+    $COMFY_REF/browser-node (default ~/.cache/comfy-host), the tool, or the working directory."""
     tool = os.environ.get("COMFY_BROWSER_TOOL") or str(ROOT.parent / "shared" / "tools" / "comfy_browser.mjs")
-    if not Path(tool).exists() or not shutil.which("node"):
-        return None
-    return tool
+    if not Path(tool).exists():
+        return None, f"browser tool {tool} not found: set COMFY_BROWSER_TOOL to comfy_browser.mjs"
+    node = shutil.which("node")
+    if node is None:
+        return None, "node (Node.js) is not on PATH; comfy_browser.mjs needs it"
+    chromium = os.environ.get("CHROMIUM") or "/usr/bin/chromium"
+    if not os.access(chromium, os.X_OK):
+        return None, f"no Chromium at {chromium} (install it, e.g. comfy_host.sh browser-setup, or set CHROMIUM)"
+    ref = os.environ.get("COMFY_REF") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comfy-host")
+    bases = [str(Path(ref) / "browser-node" / "package.json"), str(Path(tool).parent / "package.json"),
+             str(Path.cwd() / "package.json")]
+    probe = ("const {createRequire} = require('module');"
+             "process.exit(process.argv.slice(1).some(b => { try { createRequire(b).resolve('playwright-core');"
+             " return true; } catch { return false; } }) ? 0 : 1);")
+    if subprocess.run([node, "-e", probe, *bases], capture_output=True, timeout=60).returncode != 0:
+        return None, ("npm package playwright-core not found (comfy_host.sh browser-setup installs it into "
+                      f"$COMFY_REF/browser-node; looked for {bases})")
+    return tool, ""
 
 
 @pytest.mark.parametrize("name", list(WORKFLOWS))
 def test_workflow_loads_in_the_real_frontend(server, object_info, name, tmp_path):
-    tool = browser_tool()
+    tool, why_not = browser_tool()
     if tool is None:
-        pytest.skip("no browser tool: set COMFY_BROWSER_TOOL to comfy_browser.mjs (needs node, playwright-core, chromium)")
+        note(f"browser {name}: SKIPPED: {why_not}")
+        pytest.skip(f"real-frontend check skipped: {why_not}")
     r = subprocess.run(["node", tool, str(WORKFLOWS[name]), "--url", server.url, "--out", str(tmp_path / "shot.png"),
                         "--timeout", "120", "--dump-api", str(tmp_path / "api.json")], capture_output=True, text=True, timeout=300)
     line = (r.stdout.strip().splitlines() or ["{}"])[-1]
@@ -199,20 +224,29 @@ def test_workflow_loads_in_the_real_frontend(server, object_info, name, tmp_path
     assert {k: v["inputs"] for k, v in theirs.items()} == {k: v["inputs"] for k, v in ours.items()}
 
 
+def without_tooltips(value):
+    """A schema with every "tooltip" dropped, also inside dynamic combo options (wording changes often)."""
+    if isinstance(value, dict):
+        return {k: without_tooltips(v) for k, v in value.items() if k != "tooltip"}
+    if isinstance(value, list):
+        return [without_tooltips(v) for v in value]
+    return value
+
+
 if __name__ == "__main__" and "--snapshot" in sys.argv:
-    # Rewrite tests/comfy_stub/object_info_core.json from a running server (COMFY_URL).
+    # Write tests/comfy_stub/object_info_core_<version>.json from a running server (COMFY_URL).
     import urllib.request
     url = os.environ.get("COMFY_URL", "http://127.0.0.1:8188")
     live = json.loads(urllib.request.urlopen(url + "/object_info").read())
+    version = json.loads(urllib.request.urlopen(url + "/system_stats").read())["system"]["comfyui_version"]
     types = {n["type"] for p in WORKFLOWS.values() for n in json.loads(p.read_text())["nodes"]}
-    core = {t: live[t] for t in sorted(types) if t in live and not t.startswith("CVVAE")}
+    core = {t: without_tooltips(live[t]) for t in sorted(types) if t in live and not t.startswith("CVVAE")}
     for info in core.values():
-        for sec in info["input"].values():
-            for spec in sec.values():
-                if len(spec) > 1 and isinstance(spec[1], dict):
-                    spec[1].pop("tooltip", None)
         for k in ("output_tooltips", "description", "python_module"):
             info.pop(k, None)
-    out = HERE / "comfy_stub" / "object_info_core.json"
-    out.write_text(json.dumps({"_comment": json.loads(out.read_text())["_comment"], **core}, indent=1, sort_keys=True))
+    comment = (f"Snapshot of a real ComfyUI {version} /object_info for the core nodes used by example_workflows/ "
+               "(tooltips dropped). Regenerate: COMFYUI_DIR=... COMFY_URL=... python tests/test_comfy_integration.py --snapshot")
+    out = workflow_check.snapshot_path(version)
+    # Key order kept as served: a dynamic combo option's inputs have no input_order, their order is the dict's.
+    out.write_text(json.dumps({"_comment": comment, **core}, indent=1))
     print("wrote", out)

@@ -1,5 +1,6 @@
 """Every example workflow checked against the node schemas: the pack's nodes from their own
-define_schema() (through the ComfyUI stand-in), core nodes from a snapshot of a real server."""
+define_schema() (through the ComfyUI stand-in), core nodes from a snapshot of a real server, once per
+ComfyUI version with a snapshot (the workflows must load in all of them)."""
 import copy
 import json
 import sys
@@ -20,8 +21,12 @@ EXPECTED = {"01_cvvae_video_reconstruction_builtin", "02_svd_img2vid_cvvae", "03
             "04_sd3_txt2img_cvvae_sd3", "05_image_framewise_core_vae"}
 
 
-def object_info():
-    info = workflow_check.core_object_info()
+VERSIONS = workflow_check.snapshot_versions()
+NEWEST = VERSIONS[-1]
+
+
+def object_info(version=NEWEST):
+    info = workflow_check.core_object_info(version)
     for node in nodes.NODES:
         info[node.define_schema().node_id] = node.GET_NODE_INFO_V1()
     return info
@@ -35,11 +40,16 @@ def test_the_workflows_are_all_there():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
 
 
+def test_snapshots_cover_the_oldest_and_newest_tested_comfyui():
+    assert {"0.8.0", "0.33.0"} <= set(VERSIONS)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_matches_node_schemas(path):
+def test_workflow_matches_node_schemas(path, version):
     wf = load(path)
     assert wf.get("version") == 0.4 and "nodes" in wf and "links" in wf, "not a UI-format (litegraph) workflow"
-    assert workflow_check.validate(wf, object_info()) == []
+    assert workflow_check.validate(wf, object_info(version)) == []
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -62,9 +72,10 @@ def test_cvvae_is_the_vae_everywhere_a_vae_is_used():
         assert all(by_id[l[1]]["type"] == "CVVAELoader" for l in vae_links), path.stem
 
 
-def test_validator_catches_broken_workflows():
+@pytest.mark.parametrize("version", VERSIONS)
+def test_validator_catches_broken_workflows(version):
     """The checks can fail: a wrong link type, an unknown node, a bad combo value, a missing input."""
-    info = object_info()
+    info = object_info(version)
     good = load(WORKFLOW_DIR / "02_svd_img2vid_cvvae.json")
     assert workflow_check.validate(good, info) == []
 
@@ -99,10 +110,55 @@ def test_validator_catches_broken_workflows():
     assert any("required input 'vae'" in p for p in workflow_check.validate(wf, info))
 
 
-def test_api_conversion_of_the_reconstruction_workflow():
-    prompt = workflow_check.to_api(load(WORKFLOW_DIR / "01_cvvae_video_reconstruction_builtin.json"), object_info())
+@pytest.mark.parametrize("version", VERSIONS)
+def test_api_conversion_of_the_reconstruction_workflow(version):
+    prompt = workflow_check.to_api(load(WORKFLOW_DIR / "01_cvvae_video_reconstruction_builtin.json"), object_info(version))
     by_type = {v["class_type"]: v["inputs"] for v in prompt.values()}
     assert by_type["CVVAEVideoEncode"]["frame_policy"] == "pad"
     assert by_type["CVVAESyntheticVideo"] == {"width": 64, "height": 64, "frames": 17, "seed": 0}
     assert isinstance(by_type["CVVAEVideoDecode"]["samples"], list)
     assert "MarkdownNote" not in by_type
+
+
+# What the real frontends send for the saved SaveVideo/CreateVideo widgets (dumped with
+# app.graphToPrompt() in headless Chromium; the integration test re-checks this equality live).
+FRONTEND_VIDEO_INPUTS = {
+    "0.8.0": ({"fps": 8}, {"filename_prefix": "cvvae/reconstruction", "format": "auto", "codec": "auto"}),
+    # 0.33: `format` is a dynamic combo whose option carries a nested `format.codec`; `codec` is a hidden
+    # optional widget and CreateVideo gained an optional `bit_depth`: both keep their defaults.
+    "0.33.0": ({"fps": 8, "bit_depth": 8}, {"filename_prefix": "cvvae/reconstruction", "format": "auto",
+                                            "format.codec": "auto", "codec": "auto"}),
+}
+
+
+@pytest.mark.parametrize("version", sorted(FRONTEND_VIDEO_INPUTS))
+def test_api_conversion_matches_the_frontend_for_video_nodes(version):
+    prompt = workflow_check.to_api(load(WORKFLOW_DIR / "01_cvvae_video_reconstruction_builtin.json"), object_info(version))
+    by_type = {v["class_type"]: {k: x for k, x in v["inputs"].items() if not isinstance(x, list)}
+               for v in prompt.values()}
+    assert (by_type["CreateVideo"], by_type["SaveVideo"]) == FRONTEND_VIDEO_INPUTS[version]
+
+
+def test_dynamic_combo_widgets_follow_the_selected_option():
+    """A dynamic combo's value picks which nested widgets come next, recursively (0.33 SaveVideo:
+    format -> format.codec -> format.codec.encoding -> crf, color_space)."""
+    info = object_info("0.33.0")
+    node = {"id": 1, "type": "SaveVideo", "inputs": [],
+            "widgets_values": ["clip", "mp4", "h264", "re-encode", 18.0, "sRGB", "auto"]}
+    values, problems = workflow_check.map_widgets(node, info["SaveVideo"])
+    assert problems == []
+    assert values == {"filename_prefix": "clip", "format": "mp4", "format.codec": "h264",
+                      "format.codec.encoding": "re-encode", "format.codec.encoding.crf": 18.0,
+                      "format.codec.encoding.color_space": "sRGB", "codec": "auto"}
+    node["widgets_values"] = ["clip", "mov", "auto"]
+    wf = {"nodes": [node], "links": []}
+    assert any("'mov' not one of" in p for p in workflow_check.validate(wf, info))
+    node["widgets_values"] = ["clip", "webm", "h264"]  # webm offers auto/av1 only
+    assert any("format.codec='h264' not one of" in p for p in workflow_check.validate(wf, info))
+    node["widgets_values"] = ["clip", "mp4", "h264", "re-encode", 99.0, "sRGB"]
+    assert any("crf=99.0 outside" in p for p in workflow_check.validate(wf, info))
+
+
+def test_unknown_comfyui_version_says_how_to_snapshot_it():
+    with pytest.raises(workflow_check.UnknownComfyVersionError, match="--snapshot"):
+        workflow_check.core_object_info("0.0.1")

@@ -2,9 +2,13 @@
 
 Node schemas are /object_info entries: for the pack's nodes derived from their define_schema()
 (through the stand-in's GET_NODE_INFO_V1, or taken from a live server), for core nodes from
-object_info_core.json (a snapshot of a real server). Widget values map onto widget inputs in
-order, as the frontend does: an INT/FLOAT/COMBO with control_after_generate carries one extra
-value, a combo with an upload flag carries one extra "upload" value.
+object_info_core_<ComfyUI version>.json (a snapshot of a real server per supported version, since
+core schemas change between versions). Widget values map onto widget inputs in order, as the
+frontend does: an INT/FLOAT/COMBO with control_after_generate carries one extra value, a combo with
+an upload flag carries one extra "upload" value, and a V3 dynamic combo (COMFY_DYNAMICCOMBO_V3, e.g.
+SaveVideo's `format` since ComfyUI 0.3x) is followed by the widgets of its selected option, named
+"<combo>.<input>". Optional widgets with no saved value (inputs added by a newer ComfyUI, hidden
+widgets) keep their default, which the frontend also sends.
 """
 from __future__ import annotations
 
@@ -13,17 +17,39 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "file_upload")
 MODEL_EXTS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 # Combos listing files on the user's machine: any file name of the right kind is valid.
 FILE_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"): MODEL_EXTS, ("ImageOnlyCheckpointLoader", "ckpt_name"): MODEL_EXTS,
                ("CVVAELoader", "model_name"): MODEL_EXTS + ("builtin (small demo model)",),
                ("LoadImage", "image"): (".png", ".jpg", ".jpeg", ".webp")}
+SNAPSHOT_PREFIX = "object_info_core_"
 
 
-def core_object_info() -> dict:
-    data = json.loads((HERE / "object_info_core.json").read_text())
+class UnknownComfyVersionError(LookupError):
+    """No core-node snapshot for a ComfyUI version."""
+
+
+def snapshot_versions() -> list[str]:
+    """ComfyUI versions with a core-node snapshot, oldest first."""
+    names = [p.stem[len(SNAPSHOT_PREFIX):] for p in HERE.glob(SNAPSHOT_PREFIX + "*.json")]
+    return sorted(names, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
+def snapshot_path(version: str) -> Path:
+    return HERE / f"{SNAPSHOT_PREFIX}{version}.json"
+
+
+def core_object_info(version: str) -> dict:
+    """The core node schemas of ComfyUI ``version`` (one of :func:`snapshot_versions`)."""
+    path = snapshot_path(version)
+    if not path.exists():
+        raise UnknownComfyVersionError(
+            f"no core-node snapshot for ComfyUI {version} (have {snapshot_versions()}); with that ComfyUI "
+            f"running, write one: COMFYUI_DIR=<its checkout> COMFY_URL=<its url> python tests/test_comfy_integration.py --snapshot")
+    data = json.loads(path.read_text())
     data.pop("_comment", None)
     return data
 
@@ -32,14 +58,21 @@ def is_widget(spec) -> bool:
     return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
 
 
-def widget_inputs(info: dict) -> list[tuple[str, list]]:
+def ordered_inputs(inputs: dict, order: dict | None = None) -> list[tuple[str, list, bool]]:
+    """(name, spec, optional) of an /object_info ``input`` section in the frontend's order: required,
+    then optional; ``order`` is the node's input_order (a dynamic combo's options have none: the
+    order of their dicts)."""
     out = []
     for sec in ("required", "optional"):
-        for name in info.get("input_order", {}).get(sec, []):
-            spec = info["input"][sec][name]
-            if is_widget(spec):
-                out.append((name, spec))
+        specs = inputs.get(sec, {})
+        for name in (order or {}).get(sec, list(specs)):
+            out.append((name, specs[name], sec == "optional"))
     return out
+
+
+def widget_inputs(info: dict) -> list[tuple[str, list]]:
+    """Top-level widget inputs (a dynamic combo's nested widgets depend on its value: see map_widgets)."""
+    return [(name, spec) for name, spec, _ in ordered_inputs(info["input"], info.get("input_order")) if is_widget(spec)]
 
 
 def socket_type(info: dict, name: str):
@@ -50,26 +83,74 @@ def socket_type(info: dict, name: str):
     return None
 
 
-def map_widgets(node: dict, info: dict) -> tuple[dict, list[str]]:
-    """{input name: value} from widgets_values, and problems found."""
+def _options(spec) -> dict:
+    return spec[1] if len(spec) > 1 else {}
+
+
+def widget_default(spec):
+    """What the frontend puts in a widget that has no saved value (None: no default known)."""
+    opts = _options(spec)
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(spec[0], list):
+        return spec[0][0] if spec[0] else None
+    if spec[0] == "COMBO" and opts.get("options"):
+        return opts["options"][0]
+    if spec[0] == DYNAMIC_COMBO and opts.get("options"):
+        return opts["options"][0]["key"]
+    return None
+
+
+def _selected_option(spec, value) -> dict | None:
+    return next((o for o in _options(spec).get("options", []) if o.get("key") == value), None)
+
+
+def widget_values(node: dict, info: dict) -> tuple[list[tuple[str, list, object]], list[str]]:
+    """(full name, spec, value) of every widget the frontend builds for ``node``, filled from its
+    widgets_values in order, and problems found. A dynamic combo's selected option adds its widgets
+    right after it, named "<combo>.<input>" (recursively); unselected options add nothing."""
     values = node.get("widgets_values") or []
-    if isinstance(values, dict):
-        return dict(values), []
-    vals, problems, i = {}, [], 0
-    for name, spec in widget_inputs(info):
-        if i >= len(values):
-            problems.append(f"no widget value for '{name}'")
-            break
-        vals[name] = values[i]
-        i += 1
-        opts = spec[1] if len(spec) > 1 else {}
-        if opts.get("control_after_generate"):
-            i += 1
-        if any(opts.get(f) for f in UPLOAD_FLAGS):
-            i += 1
-    if i < len(values):
-        problems.append(f"{len(values) - i} widget value(s) left over: {values[i:]}")
-    return vals, problems
+    problems, filled = [], []
+    if isinstance(values, dict):  # saved by name (some V3 nodes); spec None = not a top-level widget
+        specs = dict(widget_inputs(info))
+        return [(name, specs.get(name), value) for name, value in values.items()], []
+    pos = 0
+
+    def fill(inputs, prefix):
+        nonlocal pos
+        for name, spec, optional in inputs:
+            if not is_widget(spec):
+                continue
+            full = prefix + name
+            if pos < len(values):
+                value = values[pos]
+                pos += 1
+                opts = _options(spec)
+                pos += bool(opts.get("control_after_generate")) + any(opts.get(f) for f in UPLOAD_FLAGS)
+            elif optional or _options(spec).get("hidden"):
+                # Saved by an older ComfyUI that lacked this input, or a hidden widget: the default.
+                value = widget_default(spec)
+                if value is None:
+                    continue
+            else:
+                problems.append(f"no widget value for '{full}'")
+                continue
+            filled.append((full, spec, value))
+            if spec[0] == DYNAMIC_COMBO:
+                option = _selected_option(spec, value)
+                if option is not None:
+                    fill(ordered_inputs(option.get("inputs", {})), full + ".")
+
+    fill(ordered_inputs(info["input"], info.get("input_order")), "")
+    if pos < len(values):
+        problems.append(f"{len(values) - pos} widget value(s) left over: {values[pos:]}")
+    return filled, problems
+
+
+def map_widgets(node: dict, info: dict) -> tuple[dict, list[str]]:
+    """{input name: value} from widgets_values (dynamic combo widgets as "<combo>.<input>"), and problems found."""
+    filled, problems = widget_values(node, info)
+    return {name: value for name, _, value in filled}, problems
 
 
 def check_value(node_type: str, name: str, spec, value) -> str | None:
@@ -83,6 +164,9 @@ def check_value(node_type: str, name: str, spec, value) -> str | None:
     if isinstance(kind, list) or kind == "COMBO":
         options = kind if isinstance(kind, list) else opts.get("options", [])
         return None if value in options else f"{name}={value!r} not one of {options}"
+    if kind == DYNAMIC_COMBO:
+        keys = [o.get("key") for o in opts.get("options", [])]
+        return None if value in keys else f"{name}={value!r} not one of {keys}"
     if kind in ("INT", "FLOAT"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and value != int(value)):
             return f"{name}={value!r} is not a number of type {kind}"
@@ -110,12 +194,12 @@ def validate(workflow: dict, object_info: dict) -> list[str]:
         if info is None:
             problems.append(f"{where}: unknown node type")
             continue
-        vals, p = map_widgets(node, info)
+        filled, p = widget_values(node, info)
         problems += [f"{where}: {x}" for x in p]
         linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
-        for name, spec in widget_inputs(info):
-            if name in vals and name not in linked:
-                err = check_value(t, name, spec, vals[name])
+        for name, spec, value in filled:
+            if spec is not None and name not in linked:
+                err = check_value(t, name, spec, value)
                 if err:
                     problems.append(f"{where}: {err}")
         for name in info["input_order"].get("required", []):
