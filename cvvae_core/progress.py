@@ -8,8 +8,11 @@ import time
 
 
 class TextProgress:
-    def __init__(self, label: str, stream=None, width: int = 30):
-        self.label, self.stream, self.width = label, stream or sys.stderr, width
+    """``percent=True`` shows ``done/total`` as a percentage: for callers whose units mean nothing
+    to a reader (the tiling engine reports thousandths of its estimated work)."""
+
+    def __init__(self, label: str, stream=None, width: int = 30, percent: bool = False):
+        self.label, self.stream, self.width, self.percent = label, stream or sys.stderr, width, percent
         self.tty = self.stream.isatty()
         self.start = time.monotonic()
         self.open_line = False
@@ -18,7 +21,8 @@ class TextProgress:
         total = max(total, 1)
         filled = round(self.width * done / total)
         elapsed = time.monotonic() - self.start
-        line = f"{self.label} [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total} {elapsed:5.1f}s {suffix}"
+        count = f"{100 * done / total:5.1f}%" if self.percent else f"{done}/{total}"
+        line = f"{self.label} [{'#' * filled}{'-' * (self.width - filled)}] {count} {elapsed:5.1f}s {suffix}"
         if self.tty:
             self.stream.write("\r" + line + ("\n" if done >= total else ""))
             self.open_line = done < total

@@ -317,8 +317,9 @@ def encoder_stream(encoder, tile: Tile, book: StatsBook | None, collect: bool) -
     return ops
 
 
-def decoder_stream(decoder, tile: Tile, book: StatsBook | None, collect: bool) -> list:
-    """The up path, norm_out and conv_out of ``decoder`` for one tile (input: mid-block output)."""
+def decoder_stream(decoder, tile: Tile, book: StatsBook | None, collect: bool, output: bool = True) -> list:
+    """The up path, norm_out and conv_out of ``decoder`` for one tile (input: mid-block output).
+    ``output=False`` stops after norm_out: a statistics pass needs no pixels."""
     ops = []
     scale = 1
     for level in reversed(range(len(decoder.up))):
@@ -330,7 +331,8 @@ def decoder_stream(decoder, tile: Tile, book: StatsBook | None, collect: bool) -
             ops.append(_Upsample(stage.upsample))
             scale *= 2
     ops.append(_NormSiLU(decoder.norm_out, "decoder.norm_out", tile.owned(scale, 1), book, collect))
-    ops.append(_decoder_conv(decoder.conv_out))
+    if output:
+        ops.append(_decoder_conv(decoder.conv_out))
     return ops
 
 

@@ -22,6 +22,11 @@ device. Modes:
 Sizes are chosen from free device memory unless given. On CUDA out-of-memory the engine frees
 what it holds and retries with shorter chunks, then smaller tiles, down to a floor; then raises
 :class:`~cvvae_core.errors.OutOfMemoryError` saying what to lower.
+
+Progress is reported as ``progress(done, PROGRESS_UNITS)``: the share, in thousandths, of the
+run's estimated compute done so far (see :class:`_Progress`), so the bar moves at a steady pace
+whether a step is a short last chunk, a statistics pass or the output pass. ``cancel()`` is
+checked before every step.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import streaming as st
 from .errors import CancelledError, InputError, OutOfMemoryError
@@ -54,6 +60,9 @@ MIN_TILE = 64
 #: out-of-memory fallback corrects an estimate that proves too small.
 _BYTES_PER_VOXEL_CHANNEL = 24
 _NORM_FP32_BYTES = 16
+
+#: ``progress(done, total)`` always gets this total: ``done`` is thousandths of the estimated work.
+PROGRESS_UNITS = 1000
 
 
 @dataclass
@@ -93,17 +102,63 @@ class Plan:
 
 
 class _Progress:
-    def __init__(self, opts: TilingOptions, total: int):
-        self.opts, self.total, self.done = opts, total, 0
+    """Cancellation checks and progress in proportion to work.
+
+    ``total_cost`` is the run's estimated cost and each ``step(cost)`` adds that step's share, in
+    the same (integer) unit, so ``done`` grows with the work done, not with the number of steps.
+    """
+
+    def __init__(self, opts: TilingOptions, total_cost: int):
+        self.opts, self.total, self.spent = opts, max(1, total_cost), 0
 
     def check(self):
         if self.opts.cancel is not None and self.opts.cancel():
             raise CancelledError("cancelled by the caller (TilingOptions.cancel returned True)")
 
-    def step(self):
-        self.done += 1
+    def step(self, cost: int):
+        self.spent += cost
         if self.opts.progress is not None:
-            self.opts.progress(self.done, self.total)
+            # Integer arithmetic: the last step reports exactly PROGRESS_UNITS.
+            self.opts.progress(min(PROGRESS_UNITS, self.spent * PROGRESS_UNITS // self.total), PROGRESS_UNITS)
+
+
+# ------------------------------------------------------------------------------------------
+# Cost estimates for the progress bar
+# ------------------------------------------------------------------------------------------
+# Counted, not timed: a weightless copy of the model (meta device) runs the same code on shapes
+# only, and torch's FlopCounterMode adds up the multiply-adds of its convolutions, matrix
+# products and attention. Norms and element-wise ops are not counted; they scale with the same
+# voxels as the convolutions around them.
+def _flops(fn, *args) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def _meta(shape) -> torch.Tensor:
+    return torch.empty(shape, device="meta")
+
+
+def _weightless_twin(model):
+    """The model's architecture on the meta device: shapes, no storage, no compute."""
+    with torch.device("meta"):
+        return type(model)(model.config)
+
+
+def _stream_costs(make_stream, tiles: list, chunks: list, channels: int, batch: int) -> list[list[int]]:
+    """``costs[k][ci]``: flops of tile ``k``'s stream when fed time chunk ``ci`` (a stream answers
+    some frames one chunk late, which this counts exactly). Tiles of the same size cost the same."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    costs = []
+    for tile in tiles:
+        size = (tile.hr1 - tile.hr0, tile.hc1 - tile.hc0)
+        if size not in by_size:
+            stream = make_stream(tile)
+            by_size[size] = [_flops(st.run_stream, stream, _meta((batch, channels, z - a, *size)),
+                                    ci == len(chunks) - 1) for ci, (a, z) in enumerate(chunks)]
+        costs.append(by_size[size])
+    return costs
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,12 +296,12 @@ def _finish(out: torch.Tensor, compute: torch.device) -> torch.Tensor:
 
 
 def _untiled(model, opts: TilingOptions, x: torch.Tensor, what: str) -> torch.Tensor:
-    prog = _Progress(opts, 1)
+    prog = _Progress(opts, 1)  # one step: all the work
     prog.check()
     y = model.encode_moments(x) if what == "encode" else model.decode_latent(x)
     out = _output_buffer(y.shape, opts, model.device)
     out.copy_(y, non_blocking=True)
-    prog.step()
+    prog.step(1)
     return _finish(out, model.device)
 
 
@@ -263,6 +318,16 @@ def _stats_passes(opts: TilingOptions, tiles: list) -> int:
     return 1 if len(tiles) == 1 else 2
 
 
+def _encoder_head(encoder, feats: torch.Tensor) -> torch.Tensor:
+    """The low-resolution end of the encoder (mid-block, norm, conv_out), run on the whole clip."""
+    return encoder.conv_out(F.silu(encoder.norm_out(encoder.mid(feats))))
+
+
+def _decoder_middle(decoder, latent: torch.Tensor) -> torch.Tensor:
+    """The low-resolution start of the decoder (conv_in, mid-block), run on the whole clip."""
+    return decoder.mid(decoder.conv_in(latent))
+
+
 def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan) -> torch.Tensor:
     enc, cfg, dev, dtype = model.encoder, model.config, model.device, model.dtype
     b, _, t, h, w = video.shape
@@ -272,7 +337,12 @@ def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan
     if len(tiles) == 1 and len(chunks) == 1:
         return _untiled(model, opts, video, "encode")
     passes = _stats_passes(opts, tiles)
-    prog = _Progress(opts, (1 + passes) * len(tiles) * len(chunks) + 1)
+    feats_shape = (b, cfg.level_channels[-1], cfg.latent_frames(t), h // s, w // s)
+    # Every pass runs the same down path (gathering passes skip only the head), then the head once.
+    twin = _weightless_twin(model)
+    costs = _stream_costs(lambda tile: st.encoder_stream(twin.encoder, tile, None, False), tiles, chunks, 3, b)
+    head_cost = _flops(_encoder_head, twin.encoder, _meta(feats_shape))
+    prog = _Progress(opts, (1 + passes) * sum(map(sum, costs)) + head_cost)
     book = st.StatsBook()
 
     def down_path(collect: bool, feats: torch.Tensor | None):
@@ -290,21 +360,21 @@ def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan
                     feats[:, :, written[k]:written[k] + n, tile.r0 // s:tile.r1 // s, tile.c0 // s:tile.c1 // s] = \
                         y[:, :, :, r0:r1, c0:c1]
                     written[k] += n
-                prog.step()
+                prog.step(costs[k][ci])
         return written
 
     for _ in range(passes):
         down_path(True, None)
         book.freeze()
-    feats = torch.empty(b, cfg.level_channels[-1], cfg.latent_frames(t), h // s, w // s, device=dev, dtype=dtype)
+    feats = torch.empty(feats_shape, device=dev, dtype=dtype)
     written = down_path(False, feats)
     assert all(n == feats.shape[2] for n in written), (written, feats.shape)
     prog.check()
     # The low-resolution head runs whole: its norms, causal convs and per-frame attention are exact.
-    moments = enc.conv_out(F.silu(enc.norm_out(enc.mid(feats))))
+    moments = _encoder_head(enc, feats)
     out = _output_buffer(moments.shape, opts, dev)
     out.copy_(moments, non_blocking=True)
-    prog.step()
+    prog.step(head_cost)
     return _finish(out, dev)
 
 
@@ -317,16 +387,25 @@ def _seamless_decode(model, latent: torch.Tensor, opts: TilingOptions, plan: Pla
     if len(tiles) == 1 and len(chunks) == 1:
         return _untiled(model, opts, latent, "decode")
     passes = _stats_passes(opts, tiles)
-    prog = _Progress(opts, 1 + (1 + passes) * len(tiles) * len(chunks))
+    # The middle runs once; gathering passes stop before conv_out (they only need norm_out's
+    # statistics), so they cost a little less than the output pass.
+    twin = _weightless_twin(model)
+    middle_cost = _flops(_decoder_middle, twin.decoder, _meta(latent.shape))
+    stream_costs = {output: _stream_costs(lambda tile: st.decoder_stream(twin.decoder, tile, None, False, output),
+                                          tiles, chunks, cfg.level_channels[-1], b)
+                    for output in (False, True)}
+    total = middle_cost + passes * sum(map(sum, stream_costs[False])) + sum(map(sum, stream_costs[True]))
+    prog = _Progress(opts, total)
     prog.check()
     # Input conv and mid-block (temporal attention over the whole sequence) at 1/8 resolution: whole.
-    mid = dec.mid(dec.conv_in(latent.to(dev, dtype)))
-    prog.step()
+    mid = _decoder_middle(dec, latent.to(dev, dtype))
+    prog.step(middle_cost)
     book = st.StatsBook()
     out = _output_buffer((b, cfg.in_channels, cfg.video_frames(n_lat), lh * s, lw * s), opts, dev)
 
     def up_path(collect: bool, write: bool):
-        streams = [st.decoder_stream(dec, tile, book, collect) for tile in tiles]
+        streams = [st.decoder_stream(dec, tile, book, collect, output=write) for tile in tiles]
+        costs = stream_costs[write]
         written = [0] * len(tiles)
         for ci, (a, z) in enumerate(chunks):
             last = ci == len(chunks) - 1
@@ -339,7 +418,7 @@ def _seamless_decode(model, latent: torch.Tensor, opts: TilingOptions, plan: Pla
                     out[:, :, written[k]:written[k] + n, tile.r0 * s:tile.r1 * s, tile.c0 * s:tile.c1 * s].copy_(
                         y[:, :, :, r0:r1, c0:c1], non_blocking=True)
                     written[k] += n
-                prog.step()
+                prog.step(costs[k][ci])
         return written
 
     for _ in range(passes):
@@ -380,8 +459,9 @@ def _official_spatial(fn, x: torch.Tensor, tile: int, stride: int, overlap: int,
         cols = []
         for j in _tile_starts(x.shape[4], tile, stride):
             prog.check()
-            cols.append(fn(x[:, :, :, i:i + tile, j:j + tile]).to(store, non_blocking=True))
-            prog.step()
+            piece = x[:, :, :, i:i + tile, j:j + tile]
+            cols.append(fn(piece).to(store, non_blocking=True))
+            prog.step(piece.shape[2:].numel())
         rows.append(cols)
     if store.type == "cpu" and x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
@@ -397,6 +477,16 @@ def _official_spatial(fn, x: torch.Tensor, tile: int, stride: int, overlap: int,
                 for j, t in enumerate(cols)]
         out_rows.append(torch.cat(kept, dim=4))
     return torch.cat(out_rows, dim=3)
+
+
+def _official_cost(frames: int, chunk: int, height: int, width: int, tile: int, stride: int) -> int:
+    """Input voxels (frames x pixels) of every official tile of every chunk: the whole network
+    runs on each tile, so its cost grows with them (chunks share one frame, as in the loops)."""
+    rounds = max(1, math.ceil((frames - 1) / chunk))
+    chunk_frames = sum(min(frames, (n + 1) * chunk + 1) - n * chunk for n in range(rounds))
+    rows = sum(min(tile, height - i) for i in _tile_starts(height, tile, stride))
+    cols = sum(min(tile, width - j) for j in _tile_starts(width, tile, stride))
+    return chunk_frames * rows * cols
 
 
 def _official_geometry(model, opts: TilingOptions) -> tuple[int, float, int]:
@@ -420,8 +510,7 @@ def _official_encode(model, video: torch.Tensor, opts: TilingOptions) -> torch.T
     pixel_stride, lat_overlap = round(p * (1 - r)), round(lat * r)
     t, h, w = video.shape[2:]
     rounds = max(1, math.ceil((t - 1) / f))
-    n_tiles = len(_tile_starts(h, p, pixel_stride)) * len(_tile_starts(w, p, pixel_stride))
-    prog = _Progress(opts, rounds * n_tiles)
+    prog = _Progress(opts, _official_cost(t, f, h, w, p, pixel_stride))
     store = torch.device(opts.output_device)
     out = _output_buffer((video.shape[0], 2 * cfg.latent_channels, cfg.latent_frames(t),
                           h // cfg.spatial_compression, w // cfg.spatial_compression), opts, dev)
@@ -443,8 +532,7 @@ def _official_decode(model, latent: torch.Tensor, opts: TilingOptions) -> torch.
     fl = f // cfg.time_compression
     n, h, w = latent.shape[2:]
     rounds = max(1, math.ceil((n - 1) / fl))
-    n_tiles = len(_tile_starts(h, lat, lat_stride)) * len(_tile_starts(w, lat, lat_stride))
-    prog = _Progress(opts, rounds * n_tiles)
+    prog = _Progress(opts, _official_cost(n, fl, h, w, lat, lat_stride))
     store = torch.device(opts.output_device)
     s = cfg.spatial_compression
     out = _output_buffer((latent.shape[0], cfg.in_channels, cfg.video_frames(n), h * s, w * s), opts, dev)
