@@ -1,10 +1,11 @@
 """cvvae_core: CV-VAE (arXiv 2405.20279) in plain PyTorch.
 
     import cvvae_core
-    vae = cvvae_core.load_model("vae3d_v1-1")            # release folder or .safetensors
+    vae = cvvae_core.load_model("vae3d_v1-1")            # release folder, .safetensors, or "builtin"
     z = vae.encode(video)                                # [B,3,1+4k,H,W] in [-1,1] -> [B,4,1+k,H/8,W/8]
     video = vae.decode(z)
 """
+from ._version import __version__
 from .checkpoint import load_model, read_state_dict, save_model
 from .config import PRESETS, SD, SD3, CVVAEConfig
 from .errors import (CancelledError, ChannelMismatchError, CheckpointCorruptError, CheckpointError,
@@ -13,10 +14,9 @@ from .errors import (CancelledError, ChannelMismatchError, CheckpointCorruptErro
 from .frames import FrameAdjustment, FramedLatent
 from .model import CVVAE
 
-__version__ = "0.1.0"
 
 __all__ = [
-    "load_model", "save_model", "read_state_dict", "CVVAE", "CVVAEConfig", "PRESETS", "SD", "SD3",
+    "__version__", "load_model", "save_model", "read_state_dict", "CVVAE", "CVVAEConfig", "PRESETS", "SD", "SD3",
     "FrameAdjustment", "FramedLatent", "CVVAEError", "CheckpointError", "CheckpointNotFoundError",
     "CheckpointCorruptError", "PickleRefusedError", "ForeignCheckpointError", "CheckpointKeyError", "InputError",
     "FrameCountError", "ChannelMismatchError", "OutOfMemoryError", "CancelledError",

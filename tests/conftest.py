@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ if str(ROOT) not in sys.path:
 
 import cvvae_core  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# CI machines have 2 cores; CVVAE_TEST_THREADS=1 runs the suite single-threaded (kernels then take
+# other code paths and reduce in another order: no test may depend on that).
+torch.set_num_threads(int(os.environ.get("CVVAE_TEST_THREADS", min(2, torch.get_num_threads()))))
 
 
 def tiny_config(variant: str = "sd", **kw) -> "cvvae_core.CVVAEConfig":
