@@ -9,15 +9,44 @@ from pathlib import Path
 
 import torch
 
-from .errors import CVVAEError
+from .errors import CVVAEError, InputError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# Argument types: bad numbers are refused while parsing, with what is allowed, before any work.
+def int_at_least(minimum: int, multiple_of: int = 1):
+    """An argparse ``type``: an integer >= ``minimum`` that is a multiple of ``multiple_of``."""
+    allowed = f"a multiple of {multiple_of}, at least {minimum}" if multiple_of > 1 else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if value < minimum or value % multiple_of:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+    return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type``: 'auto' or a name torch.device understands (cpu, cuda, cuda:1, mps)."""
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}") from None
+    return text
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -42,7 +71,8 @@ def cmd_info(args) -> int:
     cfg = model.config
     info = {
         "variant": cfg.variant,
-        "release_family": {"sd": "vae3d / vae3d_v1-1 (SD latent space)", "sd3": "vae3d_sd3 (SD3 latent space)"}[cfg.variant],
+        "layout": {"sd": "the vae3d / vae3d_v1-1 key layout", "sd3": "the vae3d_sd3 key layout"}[cfg.variant],
+        "latent_space": cfg.latent_space,
         "latent_channels": cfg.latent_channels,
         "compression": f"{cfg.time_compression}x time, {cfg.spatial_compression}x space",
         "config": cfg.to_dict(),
@@ -65,8 +95,10 @@ def cmd_reconstruct(args) -> int:
     from . import load_model, metrics
     from .progress import TextProgress
     from .tiling import TilingOptions
-    from .video_io import read_video, side_by_side_strip, to_model_range, to_uint8, write_png, write_video
+    from .video_io import (check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png,
+                           write_video)
 
+    check_output_path(args.output)  # before minutes of work, not after
     device = resolve_device(args.device)
     model = load_model(resolve_checkpoint(args.checkpoint), device=device, dtype=resolve_dtype(args.dtype, device),
                        allow_pickle=args.allow_pickle)
@@ -75,15 +107,17 @@ def cmd_reconstruct(args) -> int:
     print(f"model    {model.variant}, {model.latent_channels} latent channels, {model.dtype}, {device}")
     print(f"input    {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {fps:.2f} fps")
     start = time.monotonic()
-    enc = model.encode(video, frame_policy="trim", tiling=TilingOptions(
-        mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames, progress=TextProgress("encode")))
+
+    def tiling(label: str) -> TilingOptions:
+        return TilingOptions(mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames,
+                             progress=TextProgress(label, percent=True))
+    enc = model.encode(video, frame_policy="trim", tiling=tiling("encode"))
     if enc.adjustment.changed:
         a = enc.adjustment
         print(f"trimmed  {a.trimmed_frames} trailing frames, {a.trimmed_height} rows, {a.trimmed_width} columns "
               "(CV-VAE takes 1+4k frames, sizes in multiples of 8)")
     t, h, w = enc.latent.shape[2:]
-    recon = model.decode(enc, tiling=TilingOptions(
-        mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames, progress=TextProgress("decode")))
+    recon = model.decode(enc, tiling=tiling("decode"))
     seconds = time.monotonic() - start
     target = video[:, :, : recon.shape[2], : recon.shape[3], : recon.shape[4]]
     out_frames = to_uint8(recon)
@@ -99,8 +133,8 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cvvae_core", description="CV-VAE video autoencoder tools")
+def build_parser(prog: str = "cvvae") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="CV-VAE video autoencoder tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="describe a checkpoint: variant, config, parameters, key check")
@@ -112,15 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="encode and decode a video; print PSNR/SSIM; write MP4 + PNG strip")
     p.add_argument("checkpoint", help="release folder, its parent, a .safetensors file, or 'builtin'")
     p.add_argument("input", help="input video (anything FFmpeg reads)")
-    p.add_argument("output", help="output .mp4")
-    p.add_argument("--height", type=int, help="resize (cover + centre crop) to this height")
-    p.add_argument("--width", type=int, help="resize (cover + centre crop) to this width")
-    p.add_argument("--frames", type=int, help="read at most this many frames (then trimmed to 1+4k)")
+    p.add_argument("output", help="output .mp4 (or .mkv, .mov)")
+    p.add_argument("--height", type=int_at_least(8), help="resize (cover + centre crop) to this height (>= 8)")
+    p.add_argument("--width", type=int_at_least(8), help="resize (cover + centre crop) to this width (>= 8)")
+    p.add_argument("--frames", type=int_at_least(1), help="read at most this many frames (then trimmed to 1+4k)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp32 on CPU, bf16/fp16 on CUDA")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--tiling", choices=["seamless", "official", "none"], default="seamless")
-    p.add_argument("--tile-size", type=int, help="spatial tile in pixels (default: from free memory)")
-    p.add_argument("--chunk-frames", type=int, help="frames per time chunk (default: automatic)")
+    p.add_argument("--tile-size", type=int_at_least(8, multiple_of=8),
+                   help="spatial tile in pixels, a multiple of 8 (default: from free memory)")
+    p.add_argument("--chunk-frames", type=int_at_least(1), help="frames per time chunk (default: automatic)")
     p.add_argument("--strip", help="side-by-side PNG path (default: OUTPUT with .png)")
     p.add_argument("--allow-pickle", action="store_true")
     p.set_defaults(func=cmd_reconstruct)
@@ -131,11 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "cvvae") -> int:
+    """The ``cvvae`` command; ``python -m cvvae_core`` calls it with its own name for usage lines."""
+    args = build_parser(prog).parse_args(argv)
     try:
         return args.func(args)
     except CVVAEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # The file system refused (permissions, a full disk, a file where a folder must go): the
+        # message names the path, and the fix is the user's, so no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

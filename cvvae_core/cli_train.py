@@ -4,42 +4,63 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
+
+from .cli import device_name, int_at_least, resolve_checkpoint, resolve_device
+
+#: The compatibility measure and the demo need at least one latent step: 1+4k frames, k >= 1.
+MIN_CLIP_FRAMES = 5
+
+
+def clip_spec(text: str) -> str:
+    """An argparse ``type``: a video path, or ``synthetic:SEED`` with an integer seed >= 0."""
+    if text.startswith("synthetic"):
+        seed = text.partition(":")[2] or "0"
+        if not seed.isdigit():
+            raise argparse.ArgumentTypeError(f"a generated clip is synthetic:SEED with an integer SEED >= 0, "
+                                             f"got {text!r}")
+    return text
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train an image VAE or a CV-VAE (latent regularization) from a JSON config")
     p.add_argument("config", help="training config (.json), e.g. cvvae_core/train_configs/builtin_cvvae.json")
     p.add_argument("--out", help="output folder (overrides out_dir)")
-    p.add_argument("--steps", type=int, help="total steps (overrides steps)")
+    p.add_argument("--steps", type=int_at_least(1), help="total steps (overrides steps)")
     p.add_argument("--image-vae", help="frozen image VAE .safetensors (overrides image_vae)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--restart", action="store_true", help="ignore an existing training_state.pt in the output folder")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("inflate", help="initialise a CV-VAE from an SD-family image VAE (2-D -> 3-D)")
-    p.add_argument("image_vae", help="image VAE .safetensors in the LDM layout (prefix first_stage_model./vae. ok)")
+    p.add_argument("image_vae", help="image VAE .safetensors in the LDM layout (prefix first_stage_model./vae. ok), "
+                                     "or 'builtin' for the built-in image VAE")
     p.add_argument("out", help="output: a .safetensors file or a release folder")
     p.set_defaults(func=cmd_inflate)
 
     p = subparsers.add_parser("compat", help="the paper's compatibility measure (image decoder on the video latent)")
     p.add_argument("video_ckpt", help="CV-VAE checkpoint (folder or .safetensors), or 'builtin'")
     p.add_argument("image_ckpt", help="image VAE .safetensors, or 'builtin'")
-    p.add_argument("clip", help="a video file, or synthetic:SEED for a generated clip")
-    p.add_argument("--frames", type=int, default=17, help="frames to read (trimmed to 1+4k; default 17)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize frames to H W")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("clip", type=clip_spec, help="a video file, or synthetic:SEED for a generated clip")
+    p.add_argument("--frames", type=int_at_least(MIN_CLIP_FRAMES), default=17,
+                   help=f"frames to read, at least {MIN_CLIP_FRAMES} (trimmed to 1+4k; default 17)")
+    p.add_argument("--size", type=int_at_least(8, multiple_of=8), nargs=2, metavar=("H", "W"),
+                   help="resize frames to H W (multiples of 8)")
+    p.add_argument("--device", type=device_name, help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=cmd_compat)
 
     p = subparsers.add_parser("demo", help="reconstruct a generated clip with the built-in model and report PSNR/SSIM")
     p.add_argument("--out", default="out/demo", help="folder for the frames (PNG) and metrics.json")
-    p.add_argument("--seed", type=int, default=7, help="seed of the generated clip")
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"))
+    p.add_argument("--seed", type=int_at_least(0), default=7, help="seed of the generated clip (>= 0)")
+    p.add_argument("--frames", type=int_at_least(MIN_CLIP_FRAMES), default=17,
+                   help=f"frames, at least {MIN_CLIP_FRAMES} (trimmed to 1+4k; default 17)")
+    p.add_argument("--size", type=int_at_least(8, multiple_of=8), nargs=2, default=(64, 64), metavar=("H", "W"),
+                   help="frame size H W (multiples of 8; default 64 64)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -49,22 +70,34 @@ def cmd_train(args) -> int:
     cfg = TrainConfig.from_json(args.config)
     if args.out:
         cfg.out_dir = args.out
-    if args.steps:
+    if args.steps is not None:
         cfg.steps = args.steps
     if args.image_vae:
         cfg.image_vae = args.image_vae
-    out = train(cfg, device=args.device, resume=not args.restart)
+    out = train(cfg, device=resolve_device(args.device) if args.device else None, resume=not args.restart)
     print(f"saved to {out}")
     return 0
 
 
+def load_image_vae_arg(spec: str, device=None):
+    """The image VAE named on the command line: 'builtin' (the built-in image VAE, whose latent
+    space the built-in CV-VAE shares) or a file; a CV-VAE file is refused with what to give."""
+    from .builtin import load_builtin_image_vae
+    from .image_vae import load_image_vae
+    from .inflate import refuse_video_vae
+
+    if spec == "builtin":
+        return load_builtin_image_vae(device)
+    refuse_video_vae(spec)
+    return load_image_vae(spec, device)
+
+
 def cmd_inflate(args) -> int:
     from .checkpoint import save_model
-    from .image_vae import load_image_vae
     from .inflate import default_calibration_latents, inflate, single_frame_gap
     from .synthetic import SyntheticConfig, generate_batch
 
-    image_vae = load_image_vae(args.image_vae)
+    image_vae = load_image_vae_arg(args.image_vae)
     model = inflate(image_vae, default_calibration_latents(image_vae))
     out = save_model(model, args.out)
     frames = generate_batch(123, 4, SyntheticConfig(frames=1)).squeeze(2)
@@ -75,20 +108,13 @@ def cmd_inflate(args) -> int:
     return 0
 
 
-def _load_pair(video_spec: str, image_spec: str, device):
-    from .builtin import load_builtin, load_builtin_image_vae
-    from .checkpoint import load_model
-    from .image_vae import load_image_vae
-
-    video = load_builtin(device, torch.float32) if video_spec == "builtin" else load_model(video_spec, device, torch.float32)
-    image = load_builtin_image_vae(device) if image_spec == "builtin" else load_image_vae(image_spec, device)
-    return video, image
-
-
 def cmd_compat(args) -> int:
+    from .checkpoint import load_model
     from .compat import compat_report, format_report, load_clip
 
-    video_vae, image_vae = _load_pair(args.video_ckpt, args.image_ckpt, args.device)
+    device = resolve_device(args.device) if args.device else None
+    video_vae = load_model(resolve_checkpoint(args.video_ckpt), device, torch.float32)
+    image_vae = load_image_vae_arg(args.image_ckpt, device)
     clip = load_clip(args.clip, args.frames, tuple(args.size) if args.size else None)
     report = compat_report(video_vae, image_vae, clip)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

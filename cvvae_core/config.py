@@ -8,6 +8,16 @@ VARIANTS = ("sd", "sd3")
 # (scale, shift) of the image VAE whose latent space each variant shares: SD's 0.18215 (the
 # official config's scaling_factor) and SD3's own VAE values, which the CV-VAE code never stores.
 IMAGE_LATENT_SCALING = {"sd": (0.18215, 0.0), "sd3": (1.5305, 0.0609)}
+# The built-in image VAE's own (scale, shift) (cvvae_core/weights/builtin_image_vae.safetensors;
+# a test checks that the file agrees); the built-in CV-VAE, trained against it, carries them too.
+BUILTIN_IMAGE_LATENT_SCALING = (0.36133, 0.0)
+# The image latent spaces a CV-VAE may share, told apart by the latent (scale, shift) in its
+# metadata: a CV-VAE trained against, or inflated from, an image VAE keeps that VAE's values.
+LATENT_SPACES = {
+    IMAGE_LATENT_SCALING["sd"]: "SD latent space (SD1.x/2.x image VAE, SVD; releases vae3d / vae3d_v1-1)",
+    IMAGE_LATENT_SCALING["sd3"]: "SD3 latent space (SD3 image VAE; release vae3d_sd3)",
+    BUILTIN_IMAGE_LATENT_SCALING: "the built-in image VAE's latent space (builtin_image_vae.safetensors), not SD's",
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,13 @@ class CVVAEConfig:
     def time_resampled(self, level: int) -> bool:
         """Levels 0, 2, ... (never the last) halve time in the encoder and double it in the decoder."""
         return level % 2 == 0 and level != self.num_levels - 1
+
+    @property
+    def latent_space(self) -> str:
+        """Which image VAE's latent space this model shares, named from its latent scale/shift."""
+        scaling = (self.scaling_factor, self.shift_factor)
+        return LATENT_SPACES.get(scaling, f"the latent space of the image VAE it was trained with (scale "
+                                          f"{scaling[0]}, shift {scaling[1]}): neither SD's nor SD3's")
 
     @property
     def time_compression(self) -> int:

@@ -33,6 +33,14 @@ class InputError(CVVAEError, ValueError):
     """A video or latent tensor that the model cannot take as it is."""
 
 
+class VideoFileError(InputError):
+    """A video file that cannot be read or written: not a video, no video stream, truncated."""
+
+
+class VideoNotFoundError(VideoFileError, FileNotFoundError):
+    """The video file does not exist."""
+
+
 class FrameCountError(InputError):
     """Frame count not of the form 1+4k, or height/width not a multiple of 8."""
 

@@ -1,6 +1,7 @@
 """Video and image files: read/write MP4 with PyAV, write PNG strips without extra dependencies."""
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -9,32 +10,98 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import VideoFileError, VideoNotFoundError
+
+#: Containers ``write_video`` writes (H.264 in MP4, Matroska or QuickTime).
+OUTPUT_SUFFIXES = (".mp4", ".mkv", ".mov")
+
+#: The first bytes of common video containers, to tell a damaged video from a file that is no
+#: video at all when FFmpeg refuses both with the same "invalid data" error.
+_SIGNATURES = {"MP4/MOV": lambda b: b[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"),
+               "Matroska/WebM": lambda b: b[:4] == b"\x1aE\xdf\xa3",
+               "AVI": lambda b: b[:4] == b"RIFF" and b[8:12] == b"AVI ",
+               "MPEG-TS": lambda b: b[:1] == b"\x47",
+               "FLV": lambda b: b[:3] == b"FLV",
+               "Ogg": lambda b: b[:4] == b"OggS"}
+
+_REENCODE = "re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)"
+
+
+def _container_guess(head: bytes) -> str | None:
+    return next((name for name, matches in _SIGNATURES.items() if matches(head)), None)
+
+
+def _open_error(path: str, err: Exception) -> VideoFileError:
+    """The typed error for a video that PyAV cannot open, saying what the file is and what to do
+    (PyAV's own message carries FFmpeg's negative error code as an errno, which helps nobody)."""
+    import av
+
+    if isinstance(err, FileNotFoundError):
+        return VideoNotFoundError(f"video file {path} does not exist; check the path")
+    if isinstance(err, IsADirectoryError):
+        return VideoFileError(f"{path} is a folder; pass one video file")
+    if isinstance(err, PermissionError):
+        return VideoFileError(f"cannot read {path}: permission denied")
+    if isinstance(err, av.error.InvalidDataError) and os.path.isfile(path):
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if not head:
+            return VideoFileError(f"{path} is empty (0 bytes); copy or download the video again")
+        container = _container_guess(head)
+        if container:
+            return VideoFileError(f"{path} looks like a video ({container} container), but PyAV/FFmpeg cannot "
+                                  "read it: it is probably truncated or corrupt (an interrupted download or copy?); "
+                                  f"get the file again or {_REENCODE}")
+        return VideoFileError(f"{path} is not a video file PyAV can read (FFmpeg recognises no video format in it); "
+                              "pass a video such as .mp4, .mkv, .mov or .webm")
+    reason = getattr(err, "strerror", None) or str(err)
+    return VideoFileError(f"cannot open video {path}: {reason}; check that it is a video file PyAV/FFmpeg can read")
 
 
 def read_video(path, max_frames: int | None = None, height: int | None = None, width: int | None = None):
     """Frames of ``path`` as uint8 ``[T, H, W, 3]`` and the frame rate. With ``height``/``width``
-    the frames are scaled to cover that size (aspect kept, antialiased) and centre-cropped."""
+    the frames are scaled to cover that size (aspect kept, antialiased) and centre-cropped.
+    Files that cannot be read raise :class:`~cvvae_core.errors.VideoFileError` saying why."""
     import av
 
+    path = os.fspath(path)  # a string, not a Path: FFmpeg also reads URLs
     try:
-        container = av.open(str(path))
+        container = av.open(path)
     except (av.error.FFmpegError, OSError) as e:
-        raise InputError(f"cannot open video {path}: {e}") from None
+        raise _open_error(path, e) from None
     with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["no"]
+            raise VideoFileError(f"{path} has no video stream (it holds {', '.join(kinds)} streams); "
+                                 "pass a file with video")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 24)
         frames = []
-        for frame in container.decode(stream):
-            frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
-            if max_frames is not None and len(frames) >= max_frames:
-                break
+        try:
+            for frame in container.decode(stream):
+                frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+        except av.error.FFmpegError as e:
+            raise VideoFileError(f"{path} is truncated or corrupt: decoding failed after {len(frames)} frames "
+                                 f"({e.strerror}); get the file again or {_REENCODE}") from None
     if not frames:
-        raise InputError(f"{path} holds no video frames")
+        raise VideoFileError(f"{path} holds no video frames (its video stream is empty); pass another video")
     video = torch.stack(frames)
     if height or width:
         video = resize_cover(video, height or video.shape[1], width or video.shape[2])
     return video, fps
+
+
+def check_output_path(path) -> Path:
+    """``path`` if ``write_video`` can write it, else :class:`VideoFileError` saying what to give
+    (checked before hours of work, not after)."""
+    path = Path(path)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise VideoFileError(f"cannot write {path}: the output video must end in {', '.join(OUTPUT_SUFFIXES)}")
+    if path.is_dir():
+        raise VideoFileError(f"cannot write {path}: it is a folder; give a file name such as {path / 'out.mp4'}")
+    return path
 
 
 def resize_cover(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -55,8 +122,9 @@ def write_video(path, frames: torch.Tensor, fps: float = 24.0, crf: int = 18):
     """Write uint8 ``[T, H, W, 3]`` frames as H.264 MP4 (yuv420p, so H and W are made even)."""
     import av
 
+    path = check_output_path(path)
     frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=round(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]

@@ -1,6 +1,7 @@
 """The command line: info and reconstruct, and clear errors with exit status 2."""
 import json
 
+import pytest
 import torch
 
 import cvvae_core
@@ -36,3 +37,79 @@ def test_reconstruct_writes_video_strip_and_metrics(tiny_model, tmp_path, capsys
     decoded, _ = read_video(out)
     assert decoded.shape == (5, 32, 48, 3)
     assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad arguments are refused while parsing, saying what is allowed (exit status 2, no traceback)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,allowed", [
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--frames", "0"], "--frames: must be an integer >= 1, got 0"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--frames", "-3"], "--frames: must be an integer >= 1"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--height", "0"], "--height: must be an integer >= 8"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--width", "-64"], "--width: must be an integer >= 8"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--tile-size", "100"], "--tile-size: must be a multiple of 8"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--tile-size", "-8"], "--tile-size: must be a multiple of 8"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--chunk-frames", "0"], "--chunk-frames: must be an integer >= 1"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--device", "gpu"], "--device: must be auto, cpu, cuda"),
+    (["train", "cfg.json", "--steps", "0"], "--steps: must be an integer >= 1"),
+    (["compat", "builtin", "builtin", "synthetic:1", "--frames", "4"], "--frames: must be an integer >= 5"),
+    (["compat", "builtin", "builtin", "synthetic:1", "--size", "64", "-8"], "--size: must be a multiple of 8"),
+    (["compat", "builtin", "builtin", "synthetic:x"], "synthetic:SEED with an integer SEED"),
+    (["demo", "--frames", "0"], "--frames: must be an integer >= 5"),
+    (["demo", "--size", "60", "64"], "--size: must be a multiple of 8"),
+    (["demo", "--seed", "-1"], "--seed: must be an integer >= 0"),
+])
+def test_bad_numbers_are_refused_at_parsing(argv, allowed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert allowed in capsys.readouterr().err
+
+
+def test_reconstruct_refuses_an_output_it_cannot_write_before_any_work(tmp_path, capsys):
+    assert main(["reconstruct", "builtin", str(tmp_path / "missing.mp4"), str(tmp_path / "out.txt")]) == 2
+    assert "must end in .mp4" in capsys.readouterr().err
+
+
+def test_reconstruct_names_a_file_that_is_not_a_video(tmp_path, capsys):
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    assert main(["reconstruct", "builtin", str(text), str(tmp_path / "out.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "notes.mp4 is not a video file PyAV can read" in err and "Errno" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# 'builtin' everywhere; info describes the latent space the model really shares
+# ---------------------------------------------------------------------------------------------
+def test_info_builtin_names_the_builtin_image_vae_latent_space(capsys):
+    from cvvae_core.builtin import load_builtin_image_vae
+
+    assert main(["info", "builtin", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "built-in image VAE" in info["latent_space"] and "SD latent space" not in json.dumps(info)
+    image_cfg = load_builtin_image_vae().config   # the value the description is recognised by is the file's
+    assert info["latent_scaling"]["scale"] == image_cfg.scaling_factor == 0.36133
+
+
+def test_info_on_a_release_config_names_the_sd_latent_space(tiny_model, tmp_path, capsys):
+    path = cvvae_core.save_model(tiny_model, tmp_path / "m.safetensors")
+    assert main(["info", str(path), "--json"]) == 0
+    expected = {"sd": "SD latent space", "sd3": "SD3 latent space"}[tiny_model.variant]
+    assert json.loads(capsys.readouterr().out)["latent_space"].startswith(expected)
+
+
+def test_inflate_builtin_inflates_the_builtin_image_vae(tmp_path, capsys):
+    out = tmp_path / "inflated.safetensors"
+    assert main(["inflate", "builtin", str(out)]) == 0
+    assert "single frame vs the image VAE" in capsys.readouterr().out
+    model = cvvae_core.load_model(out)
+    assert model.scaling_factor == 0.36133   # the built-in image VAE's latent space, carried over
+
+
+def test_inflate_given_a_cvvae_says_so(tmp_path, capsys):
+    from cvvae_core.builtin import builtin_path
+
+    assert main(["inflate", str(builtin_path()), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is a CV-VAE" in err and "'builtin' for the built-in image VAE" in err and "norm_groups" not in err
