@@ -340,7 +340,8 @@ def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan
     feats_shape = (b, cfg.level_channels[-1], cfg.latent_frames(t), h // s, w // s)
     # Every pass runs the same down path (gathering passes skip only the head), then the head once.
     twin = _weightless_twin(model)
-    costs = _stream_costs(lambda tile: st.encoder_stream(twin.encoder, tile, None, False), tiles, chunks, 3, b)
+    costs = _stream_costs(lambda tile: st.encoder_stream(twin.encoder, tile, None, False), tiles, chunks,
+                          video.shape[1], b)
     head_cost = _flops(_encoder_head, twin.encoder, _meta(feats_shape))
     prog = _Progress(opts, (1 + passes) * sum(map(sum, costs)) + head_cost)
     book = st.StatsBook()
