@@ -66,14 +66,31 @@ def decode_memory(shape, dtype) -> float:
 
 
 class CVVAEFirstStage(nn.Module):
-    """The ``first_stage_model`` ComfyUI calls: plain tensors in and out, deterministic (posterior mean)."""
+    """The ``first_stage_model`` ComfyUI calls: plain tensors in and out, deterministic (posterior mean).
+
+    Newer ComfyUI (0.3x, comfy/sd.py) reads ``comfy_has_chunked_io``: when it is true, ``VAE.decode``
+    preallocates the whole output once (shape from :meth:`decode_output_shape`) and has
+    :meth:`decode` fill slices of it, and ``VAE.encode`` hands over the pixels on the CPU with the
+    compute device. Older ComfyUI (0.8.0) never reads the flag and calls ``decode(z)`` / ``encode(x)``.
+    """
+
+    @property
+    def comfy_has_chunked_io(self) -> bool:
+        """True when decoding on another device than ComfyUI's output (a GPU, output in CPU RAM): the
+        decoded clip then goes from the GPU straight into ComfyUI's buffer, instead of into a CPU copy
+        that ComfyUI copies again into its output (one full-size copy less in RAM). On one device the
+        preallocated buffer would only sit next to the decoder's own output and activations: measured
+        in ComfyUI 0.33 on CPU, core VAE Decode of 25 frames at 576x1024 peaked 128 MiB higher with it."""
+        return self.cvvae.device != torch.device(mm.intermediate_device())
 
     def __init__(self, cvvae):
         super().__init__()
         self.cvvae = cvvae
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels ``[B, 3, T, H, W]`` in [-1, 1] (``T`` = 1+4k) -> latent ``[B, C, 1+k, h, w]``."""
+    def encode(self, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Pixels ``[B, 3, T, H, W]`` in [-1, 1] (``T`` = 1+4k) -> latent ``[B, C, 1+k, h, w]``.
+        ``device`` (chunked-io callers) needs no handling: the model moves its input to the device
+        ComfyUI loaded it on."""
         if x.dim() == 4:
             x = x.unsqueeze(2)
         frames = x.shape[2]
@@ -83,11 +100,22 @@ class CVVAEFirstStage(nn.Module):
                 "Use the 'CV-VAE Video Encode' node with frame_policy 'pad' or 'trim'.")
         return self.cvvae.encode(x.clamp(-1.0, 1.0))
 
-    def decode(self, z: torch.Tensor, **_vae_options) -> torch.Tensor:
-        """Latent ``[B, C, t, h, w]`` -> pixels ``[B, 3, 4t-3, H, W]`` (about [-1, 1])."""
-        if z.dim() == 4:
-            return self.cvvae.decode(z.unsqueeze(2))[:, :, 0]
-        return self.cvvae.decode(z)
+    def decode_output_shape(self, latent_shape) -> tuple[int, ...]:
+        """Pixels ``[B, 3, 4t-3, 8h, 8w]`` that :meth:`decode` writes for a latent ``[B, C, t, h, w]``."""
+        b, _, t, h, w = latent_shape
+        cfg = self.cvvae.config
+        return (b, cfg.in_channels, cfg.video_frames(t), h * cfg.spatial_compression, w * cfg.spatial_compression)
+
+    def decode(self, z: torch.Tensor, output_buffer: torch.Tensor | None = None, **_vae_options) -> torch.Tensor:
+        """Latent ``[B, C, t, h, w]`` -> pixels ``[B, 3, 4t-3, H, W]`` (about [-1, 1]), written into
+        ``output_buffer`` when ComfyUI gives one (and returned)."""
+        if z.dim() == 4:  # one image per latent (CVVAEComfyVAE passes 5-D; kept for direct callers)
+            return self.decode(z.unsqueeze(2))[:, :, 0]
+        video = self.cvvae.decode(z)
+        if output_buffer is None:
+            return video
+        output_buffer.copy_(video)
+        return output_buffer
 
 
 class _DropNoWeightsWarning(logging.Filter):

@@ -170,6 +170,88 @@ def test_core_decode_of_a_5d_latent_is_a_video_decode(vae):
     assert out.shape == (1, 9, 16, 24, 3)  # [B, T, H, W, C]: core VAEDecode flattens to 9 frames
 
 
+def record_decode_calls(vae, monkeypatch) -> list:
+    """Wrap the first stage's decode; returns the list of output_buffer arguments it receives."""
+    buffers, decode = [], vae.first_stage_model.decode
+
+    def spy(z, output_buffer=None, **kw):
+        buffers.append(output_buffer)
+        return decode(z, output_buffer=output_buffer, **kw)
+    monkeypatch.setattr(vae.first_stage_model, "decode", spy)
+    return buffers
+
+
+def reference_video(vae, lat):
+    return ((vae.cvvae_model.decode(lat) + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+# ComfyUI generations: 0.3x reads comfy_has_chunked_io, 0.8.0 does not (comfy.sd.CHUNKED_IO in the stand-in).
+# The CV-VAE asks for chunked io when ComfyUI's output lives on another device than the model (GPU
+# decode, output in CPU RAM): the stand-in runs on CPU, so the tests move the "output device" away.
+GENERATIONS = {"comfy-0.3x-chunked": (True, "cuda"), "comfy-0.3x-same-device": (True, "cpu"),
+               "comfy-0.8-fallback": (False, "cuda")}
+
+
+@pytest.fixture(params=list(GENERATIONS))
+def generation(request, monkeypatch):
+    """Whether the stand-in ComfyUI takes its chunked-io branch for the CV-VAE in this case."""
+    import comfy.sd
+    reads_flag, output_device = GENERATIONS[request.param]
+    monkeypatch.setattr(comfy.sd, "CHUNKED_IO", reads_flag)
+    monkeypatch.setattr(mm, "intermediate_device", lambda: torch.device(output_device))
+    return reads_flag and output_device != "cpu"
+
+
+def test_chunked_io_is_asked_for_only_when_the_output_is_on_another_device(vae, generation):
+    assert vae.first_stage_model.comfy_has_chunked_io == (mm.intermediate_device() != vae.cvvae_model.device)
+
+
+def test_core_decode_of_a_5d_latent_with_and_without_chunked_io(vae, monkeypatch, generation):
+    """Chunked: ComfyUI preallocates the output and the CV-VAE fills it in place (no second full
+    copy); otherwise ComfyUI gets a returned tensor. Same pixels either way."""
+    buffers = record_decode_calls(vae, monkeypatch)
+    lat = torch.randn(2, 4, 3, 2, 3)
+    out = vae.decode(lat)
+    assert out.shape == (2, 9, 16, 24, 3)
+    torch.testing.assert_close(out, reference_video(vae, lat))
+    if generation:
+        assert len(buffers) == 1 and buffers[0].shape == vae.first_stage_model.decode_output_shape(lat.shape)
+        # the result IS ComfyUI's preallocated buffer, filled in place
+        assert out.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr()
+    else:
+        assert buffers == [None]
+
+
+def test_batched_core_decode_fills_each_slice_of_the_output(vae, monkeypatch, generation):
+    """Free memory for two images at a time: ComfyUI hands out slices [0:2] and [2:3] of its output."""
+    lat = torch.randn(3, 4, 2, 3)
+    monkeypatch.setattr(mm, "FREE_MEMORY", 2 * vae.memory_used_decode(lat.unsqueeze(2).shape, vae.vae_dtype))
+    buffers = record_decode_calls(vae, monkeypatch)
+    out = vae.decode(lat)
+    assert [None if b is None else b.shape[0] for b in buffers] == ([2, 1] if generation else [None, None])
+    torch.testing.assert_close(out, reference_video(vae, lat.unsqueeze(2))[:, 0])
+
+
+def test_core_encode_with_and_without_chunked_io(vae, monkeypatch, generation):
+    devices, encode = [], vae.first_stage_model.encode
+
+    def spy(x, device=None):
+        devices.append(device)
+        return encode(x, device=device)
+    monkeypatch.setattr(vae.first_stage_model, "encode", spy)
+    imgs = frames(2)
+    lat = vae.encode(imgs)
+    assert devices == ([vae.device] if generation else [None])
+    ref = vae.cvvae_model.encode(imgs.movedim(-1, 1).unsqueeze(2) * 2 - 1)[:, :, 0]
+    torch.testing.assert_close(lat, ref)
+
+
+def test_decode_output_shape_is_what_decode_returns(vae):
+    stage = vae.first_stage_model
+    lat = torch.randn(1, 4, 4, 3, 5)
+    assert tuple(stage.decode(lat).shape) == stage.decode_output_shape(lat.shape) == (1, 3, 13, 24, 40)
+
+
 def test_memory_estimates_grow_with_frames_and_dtype(vae):
     a = vae.memory_used_decode((1, 4, 2, 8, 8), torch.float32)
     assert vae.memory_used_decode((1, 4, 5, 8, 8), torch.float32) > 3 * a

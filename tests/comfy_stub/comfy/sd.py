@@ -1,10 +1,20 @@
 """Stand-in for comfy.sd.VAE: default attributes and the encode/decode semantics core nodes rely on
-(see the integration facts, section 2). Tiled variants run untiled here: only shapes matter."""
+(see the integration facts, section 2). Tiled variants run untiled here: only shapes matter.
+
+Two generations of the decode/encode loop, as in the real comfy/sd.py:
+* ComfyUI 0.3x (``CHUNKED_IO = True``, the default): a first stage with ``comfy_has_chunked_io``
+  gets a preallocated output (``decode_output_shape``) to fill slice by slice through
+  ``decode(z, output_buffer=...)``, post-processed in place; ``encode(x, device=...)`` gets the pixels
+  still on the CPU. Other first stages: each batch copied into one output tensor.
+* ComfyUI 0.8.0 (``CHUNKED_IO = False``): no such flag is read; ``decode(z)`` / ``encode(x)`` only.
+"""
 import logging
 
 import torch
 
 from . import model_management
+
+CHUNKED_IO = True
 
 
 class VAE:
@@ -17,7 +27,7 @@ class VAE:
         self.latent_dim = 2
         self.output_channels = 3
         self.process_input = lambda image: image * 2.0 - 1.0
-        self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+        self.process_output = lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # in place, as in 0.3x
         self.working_dtypes = [torch.bfloat16, torch.float32]
         self.disable_offload = False
         self.not_video = False
@@ -75,6 +85,9 @@ class VAE:
                 pixel_samples = pixel_samples.unsqueeze(2)
         return pixel_samples
 
+    def _chunked_io(self) -> bool:
+        return CHUNKED_IO and getattr(self.first_stage_model, "comfy_has_chunked_io", False)
+
     def encode(self, pixel_samples):
         self.throw_exception_if_invalid()
         pixel_samples = self._to_model_layout(pixel_samples)
@@ -84,8 +97,12 @@ class VAE:
         batch = max(1, int(model_management.get_free_memory(self.device) / max(1, memory_used)))
         outs = []
         for x in range(0, pixel_samples.shape[0], batch):
-            pixels_in = self.process_input(pixel_samples[x:x + batch]).to(self.vae_dtype).to(self.device)
-            outs.append(self.first_stage_model.encode(pixels_in).to(self.output_device).float())
+            pixels_in = self.process_input(pixel_samples[x:x + batch]).to(self.vae_dtype)
+            if self._chunked_io():
+                out = self.first_stage_model.encode(pixels_in, device=self.device)
+            else:
+                out = self.first_stage_model.encode(pixels_in.to(self.device))
+            outs.append(out.to(self.output_device).float())
         return torch.cat(outs)
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
@@ -99,12 +116,22 @@ class VAE:
         model_management.load_models_gpu([self.patcher], memory_required=memory_used,
                                          force_full_load=self.disable_offload)
         batch = max(1, int(model_management.get_free_memory(self.device) / max(1, memory_used)))
-        outs = []
+        chunked = self._chunked_io()
+        pixel_samples = None
+        if chunked:
+            pixel_samples = torch.empty(self.first_stage_model.decode_output_shape(samples_in.shape),
+                                        device=self.output_device, dtype=torch.float32)
         for x in range(0, samples_in.shape[0], batch):
             samples = samples_in[x:x + batch].to(self.vae_dtype).to(self.device)
-            outs.append(self.process_output(self.first_stage_model.decode(samples, **vae_options)
-                                            .to(self.output_device).float()))
-        return torch.cat(outs).movedim(1, -1)
+            if chunked:
+                self.first_stage_model.decode(samples, output_buffer=pixel_samples[x:x + batch], **vae_options)
+            else:
+                out = self.first_stage_model.decode(samples, **vae_options).to(self.output_device).float()
+                if pixel_samples is None:
+                    pixel_samples = torch.empty((samples_in.shape[0],) + tuple(out.shape[1:]), device=self.output_device)
+                pixel_samples[x:x + batch] = out
+            self.process_output(pixel_samples[x:x + batch])
+        return pixel_samples.movedim(1, -1)
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
         return self.decode(samples)
