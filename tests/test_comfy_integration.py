@@ -5,7 +5,8 @@
 Starts ComfyUI with a temporary base directory (the checkout is not modified), the pack linked into
 its custom_nodes, and models from the checkout's models/ folder. Then:
   * the pack's nodes are served, with the schema the CI stand-in derives (same inputs/types/order);
-  * the core node snapshot the CI workflow checks use still matches this ComfyUI;
+  * the core node snapshot the CI workflow checks use for this ComfyUI version
+    (tests/comfy_stub/object_info_core_<version>.json) still matches it;
   * every example workflow that needs no external model is converted to an API prompt and run
     through the HTTP API; outputs are checked (frame counts, sizes);
   * the SVD swap workflow runs end to end when a (random-weight) SVD checkpoint is available
@@ -13,7 +14,8 @@ its custom_nodes, and models from the checkout's models/ folder. Then:
     shared/tools/make_random_svd.py writes one), at 64x64, 5 frames, 1 step;
   * every workflow loads in the real frontend in headless Chromium with no missing node types
     (needs node + playwright-core + chromium and COMFY_BROWSER_TOOL, default
-    ../shared/tools/comfy_browser.mjs; skipped with a reason otherwise).
+    ../shared/tools/comfy_browser.mjs; skipped, with the reason printed, when node, playwright-core
+    or Chromium is missing), and the frontend's own UI->API conversion equals the one the CI uses.
 If the built-in model's weights are not installed, a tiny random CV-VAE stands in for it.
 """
 import json

@@ -71,7 +71,7 @@ def ordered_inputs(inputs: dict, order: dict | None = None) -> list[tuple[str, l
 
 
 def widget_inputs(info: dict) -> list[tuple[str, list]]:
-    """Top-level widget inputs (a dynamic combo's nested widgets depend on its value: see map_widgets)."""
+    """Top-level widget inputs (a dynamic combo's nested widgets depend on its value: see widget_values)."""
     return [(name, spec) for name, spec, _ in ordered_inputs(info["input"], info.get("input_order")) if is_widget(spec)]
 
 
