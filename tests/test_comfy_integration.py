@@ -220,6 +220,8 @@ def test_workflow_loads_in_the_real_frontend(server, object_info, name, tmp_path
          f"nodes_loaded={report.get('nodes_loaded')}")
     assert r.returncode != 2 and not report.get("missing_node_types"), report
     assert r.returncode == 0, report
+    widget_errors = [e for e in report.get("console_errors", []) if "widget" in e.lower()]
+    assert not widget_errors, widget_errors
     # The frontend's own UI->API conversion agrees with the one the CI checks and this test use.
     theirs = json.loads((tmp_path / "api.json").read_text())
     ours = workflow_check.to_api(json.loads(WORKFLOWS[name].read_text()), object_info)
