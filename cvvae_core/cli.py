@@ -53,19 +53,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None if name == "auto" else DTYPES[name]
 
 
-def resolve_checkpoint(name: str):
-    """``builtin`` names the pack's small built-in model; anything else is a path."""
-    if name == "builtin":
-        from .builtin import builtin_path
-
-        return builtin_path()
-    return name
-
-
 def cmd_info(args) -> int:
     from .checkpoint import build_model, read_state_dict
 
-    sd, hints = read_state_dict(resolve_checkpoint(args.checkpoint), allow_pickle=args.allow_pickle)
+    sd, hints = read_state_dict(args.checkpoint, allow_pickle=args.allow_pickle)
     file_dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
     model = build_model(sd, hints, source=Path(args.checkpoint).name, dtype=torch.float32)  # raises on bad keys
     cfg = model.config
@@ -100,7 +91,7 @@ def cmd_reconstruct(args) -> int:
 
     check_output_path(args.output)  # before minutes of work, not after
     device = resolve_device(args.device)
-    model = load_model(resolve_checkpoint(args.checkpoint), device=device, dtype=resolve_dtype(args.dtype, device),
+    model = load_model(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype, device),
                        allow_pickle=args.allow_pickle)
     frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
     video = to_model_range(frames)

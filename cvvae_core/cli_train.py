@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import device_name, int_at_least, resolve_checkpoint, resolve_device
+from .cli import device_name, int_at_least, resolve_device
 
 #: The compatibility measure and the demo need at least one latent step: 1+4k frames, k >= 1.
 MIN_CLIP_FRAMES = 5
@@ -113,7 +113,7 @@ def cmd_compat(args) -> int:
     from .compat import compat_report, format_report, load_clip
 
     device = resolve_device(args.device) if args.device else None
-    video_vae = load_model(resolve_checkpoint(args.video_ckpt), device, torch.float32)
+    video_vae = load_model(args.video_ckpt, device, torch.float32)
     image_vae = load_image_vae_arg(args.image_ckpt, device)
     clip = load_clip(args.clip, args.frames, tuple(args.size) if args.size else None)
     report = compat_report(video_vae, image_vae, clip)
