@@ -160,9 +160,10 @@ def build_parser(prog: str = "cvvae") -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true")
     p.set_defaults(func=cmd_reconstruct)
 
-    from . import cli_train  # train, inflate, compat, demo
+    from . import cli_dataset, cli_train  # train, inflate, compat, demo; encode-dataset, merge
 
     cli_train.register(sub)
+    cli_dataset.register(sub)
     return parser
 
 
