@@ -77,7 +77,7 @@ class EncodeOptions:
 class RunSummary:
     encoded: int = 0            # clips encoded and made durable by this run (this rank)
     already_done: int = 0       # clips found in the index and skipped
-    failed_videos: int = 0      # videos written to the errors file by this run (this rank)
+    failed_videos: int = 0      # videos of this rank in the errors file (this run's and earlier ones)
     seconds: float = 0.0
 
     @property
@@ -419,7 +419,9 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
             done_per_video[r["source"]] = done_per_video.get(r["source"], 0) + 1
             windows_per_video[r["source"]] = r["video_windows"]
         mine = list_videos(opts.videos)[rank::world]  # disjoint, and the same on every restart
-        summary = RunSummary(already_done=sum(done_per_video.get(n, 0) for n, _ in mine))
+        # Failures recorded by an earlier run count too: --strict judges the whole output.
+        summary = RunSummary(already_done=sum(done_per_video.get(n, 0) for n, _ in mine),
+                             failed_videos=sum(n in failed for n, _ in mine))
         # Videos complete in the index, or reported bad before (delete errors.rank*.jsonl to retry
         # them), are not decoded again.
         todo = [(n, p) for n, p in mine
