@@ -57,10 +57,11 @@ def cmd_encode_dataset(args) -> int:
                          dtype=args.dtype, batch_size=args.batch_size, output=args.output, tiling=args.tiling,
                          shard_mb=args.shard_mb, num_workers=args.num_workers, device=args.device, strict=args.strict)
     s = encode_dataset(opts)
-    print(f"encoded  {s.encoded} clips in {s.seconds:.1f}s ({s.clips_per_second:.2f} clips/s); "
+    rank = f"rank {s.rank}/{s.world_size} " if s.world_size > 1 else ""
+    print(f"{rank}encoded  {s.encoded} clips in {s.seconds:.1f}s ({s.clips_per_second:.2f} clips/s); "
           f"{s.already_done} already in the index")
     if s.failed_videos:
-        print(f"skipped  {s.failed_videos} videos that could not be used (reasons in {args.out}/errors.jsonl)")
+        print(f"{rank}skipped  {s.failed_videos} videos that could not be used (reasons in {args.out}/errors.jsonl)")
     return 1 if args.strict and s.failed_videos else 0
 
 

@@ -79,6 +79,8 @@ class RunSummary:
     already_done: int = 0       # clips found in the index and skipped
     failed_videos: int = 0      # videos of this rank in the errors file (this run's and earlier ones)
     seconds: float = 0.0
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def clips_per_second(self) -> float:
@@ -421,7 +423,7 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
         mine = list_videos(opts.videos)[rank::world]  # disjoint, and the same on every restart
         # Failures recorded by an earlier run count too: --strict judges the whole output.
         summary = RunSummary(already_done=sum(done_per_video.get(n, 0) for n, _ in mine),
-                             failed_videos=sum(n in failed for n, _ in mine))
+                             failed_videos=sum(n in failed for n, _ in mine), rank=rank, world_size=world)
         # Videos complete in the index, or reported bad before (delete errors.rank*.jsonl to retry
         # them), are not decoded again.
         todo = [(n, p) for n, p in mine

@@ -169,3 +169,18 @@ def test_latent_dataset_under_a_distributed_sampler(reference):
     loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2,
                                          collate_fn=lambda items: torch.stack([latent for latent, _ in items]))
     assert sum(len(batch) for batch in loader) == len(data)
+
+
+def test_sample_and_mean_logvar_outputs(reference, videos, tmp_path):
+    mean = {clip: latent for clip, (latent, _) in clip_content(reference).items()}
+    encode_dataset(options(videos, tmp_path / "mv", output="mean+logvar"))
+    for clip, (latent, meta) in clip_content(tmp_path / "mv").items():
+        assert meta["latent_shape"][0] == 2 * mean[clip].shape[0] and meta["output"] == "mean+logvar"
+        torch.testing.assert_close(latent[: mean[clip].shape[0]], mean[clip], atol=1e-5, rtol=1e-5)
+    # Samples are seeded per clip: two runs (or a resumed one) draw the same noise.
+    first, second = ([latent for latent, _ in clip_content(o).values()] for o in
+                     (encode_dataset(options(videos, tmp_path / s, output="sample")) and tmp_path / s
+                      for s in ("s1", "s2")))
+    for a, b, m in zip(first, second, mean.values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a, m, atol=1e-3)
