@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DatasetRunMismatchError, InjectedFaultError, InputError, VideoFileError
+from .errors import DatasetRunMismatchError, InjectedFaultError, InputError
+from .video_io import read_video
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 OUTPUT_MODES = ("mean", "sample", "mean+logvar")
@@ -118,45 +119,6 @@ def window_starts(available: int, frames: int, windows: str) -> list[int]:
     return sorted({round(i * last / (count - 1)) for i in range(count)})
 
 
-def decode_strided(path: str, stride: int, height: int, width: int, max_frames: int | None) -> tuple[torch.Tensor, float]:
-    """Every ``stride``-th frame of ``path`` (at most ``max_frames`` of them) as uint8 [T, H, W, 3]
-    at ``height``x``width`` (cover + centre crop), and the source fps. Frames are resized in small
-    groups as they are decoded, so a long 4K video never sits in memory at full size."""
-    import av
-
-    from .video_io import _open_error, resize_cover
-
-    try:
-        container = av.open(path)
-    except (av.error.FFmpegError, OSError) as e:
-        raise _open_error(path, e) from None
-    kept, pending, decoded = [], [], 0
-    with container:
-        if not container.streams.video:
-            raise VideoFileError(f"{path} has no video stream; pass a file with video")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        fps = float(stream.average_rate or 24)
-        try:
-            for frame in container.decode(stream):
-                if decoded % stride == 0:
-                    pending.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
-                    if len(pending) == 16:
-                        kept.append(resize_cover(torch.stack(pending), height, width))
-                        pending = []
-                decoded += 1
-                if max_frames is not None and sum(map(len, kept)) + len(pending) >= max_frames:
-                    break
-        except av.error.FFmpegError as e:
-            raise VideoFileError(f"{path} is truncated or corrupt: decoding failed after {decoded} frames "
-                                 f"({e.strerror}); get the file again or re-encode it") from None
-    if pending:
-        kept.append(resize_cover(torch.stack(pending), height, width))
-    if not kept:
-        raise VideoFileError(f"{path} holds no video frames; pass another video")
-    return torch.cat(kept), fps
-
-
 class VideoClips(torch.utils.data.Dataset):
     """One item per video: its clips still to encode (decoded in DataLoader workers), or the error
     that made it unusable. ``done`` holds the clip ids already in the index."""
@@ -172,7 +134,7 @@ class VideoClips(torch.utils.data.Dataset):
         o = self.opts
         try:
             max_frames = o.frames if o.windows == "first" else None  # only the first window: stop early
-            strided, fps = decode_strided(path, o.frame_stride, o.height, o.width, max_frames)
+            strided, fps = read_video(path, max_frames, o.height, o.width, stride=o.frame_stride)
             starts = window_starts(len(strided), o.frames, o.windows)
             if not starts:
                 span = (o.frames - 1) * o.frame_stride + 1
@@ -378,6 +340,7 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
     """Encode ``opts.videos`` into ``opts.out`` (see the module docstring); resumes what is there."""
     from .checkpoint import build_model, read_state_dict
     from .cli import DTYPES, resolve_checkpoint, resolve_device
+    from .model import sample_posterior
     from .progress import TextProgress
     from .tiling import TilingOptions, encode_moments
 
@@ -416,10 +379,9 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
         done = {r["clip"] for r in indexed}
         failed = {r["source"] for part in out.glob("errors.rank*.jsonl") for r in read_jsonl(part)}
         done_per_video: dict[str, int] = {}
-        windows_per_video: dict[str, int] = {}
         for r in indexed:
             done_per_video[r["source"]] = done_per_video.get(r["source"], 0) + 1
-            windows_per_video[r["source"]] = r["video_windows"]
+        complete = {r["source"] for r in indexed if done_per_video[r["source"]] >= r["video_windows"]}
         mine = list_videos(opts.videos)[rank::world]  # disjoint, and the same on every restart
         # Failures recorded by an earlier run count too: --strict judges the whole output.
         summary = RunSummary(already_done=sum(done_per_video.get(n, 0) for n, _ in mine),
@@ -427,7 +389,7 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
         # Videos complete in the index, or reported bad before (delete errors.rank*.jsonl to retry
         # them), are not decoded again.
         todo = [(n, p) for n, p in mine
-                if n not in failed and done_per_video.get(n, 0) < windows_per_video.get(n, 1 << 62)]
+                if n not in failed and n not in complete]
 
         loader = torch.utils.data.DataLoader(VideoClips(todo, opts, done), batch_size=None, shuffle=False,
                                              num_workers=opts.num_workers, collate_fn=_one_video,
@@ -450,8 +412,6 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
                 if opts.output == "mean":
                     latent = mean[i]
                 elif opts.output == "sample":
-                    from .model import sample_posterior
-
                     latent = sample_posterior(mean[i].cpu(), logvar[i].cpu(), _clip_generator(record["clip"]))
                 else:
                     latent = torch.cat([mean[i], logvar[i]])
