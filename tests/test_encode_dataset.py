@@ -1,6 +1,7 @@
 """encode-dataset: shards + index, bad videos, resume after a crash, refused resumes, 2 ranks (gloo)."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 import cvvae_core
 from cvvae_core.builtin import builtin_path
 from cvvae_core.cli import main
-from cvvae_core.dataset_encode import EncodeOptions, encode_dataset
+from cvvae_core.dataset_encode import EncodeOptions, encode_dataset, window_starts
 from cvvae_core.errors import DatasetRunMismatchError, InjectedFaultError
 from cvvae_core.synthetic import SyntheticConfig, generate_clip
 from cvvae_core.video_io import read_video, to_model_range, to_uint8, write_video
@@ -184,3 +185,28 @@ def test_sample_and_mean_logvar_outputs(reference, videos, tmp_path):
     for a, b, m in zip(first, second, mean.values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(a, m, atol=1e-3)
+
+
+@pytest.mark.parametrize("available, windows, starts", [(13, "first", [0]), (13, "all", [0, 5]), (4, "all", []),
+                                                        (13, "3", [0, 4, 8]), (5, "4", [0]), (13, "1", [0])])
+def test_window_starts(available, windows, starts):
+    assert window_starts(available, 5, windows) == starts
+
+
+def test_frame_stride_takes_every_nth_frame(videos, tmp_path):
+    encode_dataset(options(videos, tmp_path, frame_stride=2, windows="first"))
+    model = cvvae_core.load_model(builtin_path(), dtype=torch.float32)
+    for latent, meta in cvvae_core.LatentDataset(tmp_path):
+        frames, fps = read_video(videos / meta["source"])
+        assert (meta["frame_start"], meta["frame_end"], meta["fps"]) == (0, 9, fps / 2)
+        expected = model.encode(to_model_range(frames[0:9:2]))[0]
+        torch.testing.assert_close(latent, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_rebuilds_the_index(reference, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    (copy / "index.jsonl").unlink()
+    assert main(["merge", str(copy)]) == 0
+    assert "merged   10 clips" in capsys.readouterr().out
+    assert (copy / "index.jsonl").read_text() == (reference / "index.jsonl").read_text()
