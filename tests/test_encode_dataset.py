@@ -152,7 +152,11 @@ def test_two_ranks_equal_one_rank(reference, videos, tmp_path):
            "--num-workers", "1"]
     ranks = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = [p.communicate(timeout=120)[0] for p in ranks]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in ranks]
+    finally:
+        for p in ranks:  # a rank left waiting at a barrier must not outlive the test
+            p.kill()
     assert [p.returncode for p in ranks] == [0, 0], logs
     assert {p.name for p in out.glob("index.rank*.jsonl")} == {"index.rank0.jsonl", "index.rank1.jsonl"}
     assert any(p.name.startswith("shard-r001-") for p in out.iterdir())
