@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import init_distributed  # noqa: F401 - also imported from here
 from .errors import DatasetRunMismatchError, InjectedFaultError, InputError
 from .video_io import read_video
 
@@ -266,19 +267,6 @@ def check_run_settings(out: Path, settings: dict):
 
 
 # Distributed -----------------------------------------------------------------------------
-def init_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world_size, whether we started the process group). Under torchrun (``WORLD_SIZE`` > 1)
-    joins the group via env:// (MASTER_ADDR/PORT, RANK, WORLD_SIZE): nccl on CUDA, gloo on CPU."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
-    return dist.get_rank(), dist.get_world_size(), True
-
-
 def _barrier(world: int):
     if world > 1:
         import torch.distributed as dist

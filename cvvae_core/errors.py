@@ -63,3 +63,7 @@ class DatasetRunMismatchError(CVVAEError):
 
 class InjectedFaultError(CVVAEError, RuntimeError):
     """A deliberate failure from the fault-injection hook (tests of resume after a crash)."""
+
+
+class DistributedRunError(CVVAEError, RuntimeError):
+    """A rank of a ``--distributed`` (tiles across ranks) run failed; every rank stops with this."""
