@@ -92,33 +92,61 @@ def cmd_info(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    if not args.distributed:
+        return _reconstruct(args, rank=0)
+    from .distributed import init_distributed
+
+    if args.tiling != "seamless":
+        raise InputError(f"--distributed shares the seamless engine's tiles; it does not apply to --tiling {args.tiling}")
+    device = resolve_device(args.device)
+    rank, world, own_group = init_distributed(device)
+    if device.type == "cuda" and world > 1 and args.device == "auto":
+        import os
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    try:
+        return _reconstruct(args, rank)
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _reconstruct(args, rank: int) -> int:
+    """Every rank computes (sharing tiles when ``--distributed``); rank 0 alone prints and writes."""
     from . import load_model, metrics
     from .progress import TextProgress
     from .tiling import TilingOptions
     from .video_io import (check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png,
                            write_video)
 
-    check_output_path(args.output)  # before minutes of work, not after
+    check_output_path(args.output)  # before minutes of work, not after (every rank: all stop alike)
     device = resolve_device(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
     model = load_model(resolve_checkpoint(args.checkpoint), device=device, dtype=resolve_dtype(args.dtype, device),
                        allow_pickle=args.allow_pickle)
     frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
     video = to_model_range(frames)
-    print(f"model    {model.variant}, {model.latent_channels} latent channels, {model.dtype}, {device}")
-    print(f"input    {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {fps:.2f} fps")
+    say(f"model    {model.variant}, {model.latent_channels} latent channels, {model.dtype}, {device}")
+    say(f"input    {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {fps:.2f} fps")
     start = time.monotonic()
 
     def tiling(label: str) -> TilingOptions:
         return TilingOptions(mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames,
-                             progress=TextProgress(label, percent=True))
+                             progress=TextProgress(label, percent=True) if rank == 0 else None,
+                             distributed=args.distributed)
     enc = model.encode(video, frame_policy="trim", tiling=tiling("encode"))
     if enc.adjustment.changed:
         a = enc.adjustment
-        print(f"trimmed  {a.trimmed_frames} trailing frames, {a.trimmed_height} rows, {a.trimmed_width} columns "
+        say(f"trimmed  {a.trimmed_frames} trailing frames, {a.trimmed_height} rows, {a.trimmed_width} columns "
               "(CV-VAE takes 1+4k frames, sizes in multiples of 8)")
     t, h, w = enc.latent.shape[2:]
     recon = model.decode(enc, tiling=tiling("decode"))
     seconds = time.monotonic() - start
+    if rank != 0:
+        return 0
     target = video[:, :, : recon.shape[2], : recon.shape[3], : recon.shape[4]]
     out_frames = to_uint8(recon)
     write_video(args.output, out_frames, fps)
@@ -158,6 +186,8 @@ def build_parser(prog: str = "cvvae") -> argparse.ArgumentParser:
     p.add_argument("--chunk-frames", type=int_at_least(1), help="frames per time chunk (default: automatic)")
     p.add_argument("--strip", help="side-by-side PNG path (default: OUTPUT with .png)")
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun: share the seamless tiles of the clip among the ranks (rank 0 writes)")
     p.set_defaults(func=cmd_reconstruct)
 
     from . import cli_dataset, cli_train  # train, inflate, compat, demo; encode-dataset, merge

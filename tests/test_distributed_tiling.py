@@ -12,6 +12,9 @@ import torch
 
 import cvvae_core
 from cvvae_core import tiling
+from cvvae_core.cli import main
+from cvvae_core.synthetic import SyntheticConfig, generate_clip
+from cvvae_core.video_io import read_video, to_uint8, write_video
 from conftest import randomize_, tiny_config, video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +42,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(out: Path, cases: list, timeout: float, **env_extra) -> tuple[list[int], list[str]]:
+def run_ranks(out: Path, cases: list, timeout: float, cmd=None, **env_extra) -> tuple[list[int], list[str]]:
+    """Two ranks as torchrun starts them (RANK, WORLD_SIZE, MASTER_*), of the worker or ``cmd``."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1", **env_extra}
-    ranks = [subprocess.Popen([sys.executable, str(WORKER), str(out), json.dumps(cases)],
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_extra}
+    cmd = cmd or [sys.executable, str(WORKER), str(out), json.dumps(cases)]
+    ranks = [subprocess.Popen(cmd,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
@@ -87,3 +92,27 @@ def test_distributed_option_is_a_no_op_in_one_process():
                                                                           distributed=True))
     b = tiling.decode_latent(model, case_input(case), tiling.TilingOptions(tile_size=24, chunk_frames=3))
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_reconstruct_distributed_cli(tmp_path, capsys):
+    """``reconstruct --distributed`` on 2 ranks: rank 0 alone prints and writes, the same video as one process."""
+    src = tmp_path / "in.mp4"
+    write_video(src, to_uint8(generate_clip(0, SyntheticConfig(frames=9, height=32, width=48))[None]), fps=8)
+    args = ["reconstruct", "builtin", str(src), "--device", "cpu", "--tile-size", "16", "--chunk-frames", "4"]
+    assert main([*args, str(tmp_path / "one.mp4")]) == 0
+    capsys.readouterr()
+    codes, logs = run_ranks(tmp_path, [], timeout=120, cmd=[sys.executable, "-m", "cvvae_core", *args,
+                                                               str(tmp_path / "two.mp4"), "--distributed"])
+    assert codes == [0, 0], logs
+    assert "PSNR" in logs[0] and "PSNR" not in logs[1] and "encode [" not in logs[1], logs
+    assert (tmp_path / "two.png").exists()
+    one, _ = read_video(tmp_path / "one.mp4")
+    two, _ = read_video(tmp_path / "two.mp4")
+    assert one.shape == two.shape
+    assert (one.int() - two.int()).abs().max() <= 1
+
+
+def test_distributed_refuses_other_tiling_modes(tmp_path, capsys):
+    assert main(["reconstruct", "builtin", str(tmp_path / "in.mp4"), str(tmp_path / "o.mp4"), "--tiling", "official",
+                 "--distributed"]) == 2
+    assert "--distributed shares the seamless engine's tiles" in capsys.readouterr().err
