@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .errors import CVVAEError, InputError
+from .errors import CVVAEError, DistributedRunError, InputError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -94,40 +95,61 @@ def cmd_info(args) -> int:
 def cmd_reconstruct(args) -> int:
     if not args.distributed:
         return _reconstruct(args, rank=0)
-    from .distributed import init_distributed
+    from .distributed import TileGroup, init_distributed
 
     if args.tiling != "seamless":
         raise InputError(f"--distributed shares the seamless engine's tiles; it does not apply to --tiling {args.tiling}")
     device = resolve_device(args.device)
     rank, world, own_group = init_distributed(device)
     if device.type == "cuda" and world > 1 and args.device == "auto":
-        import os
-
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         args.device = f"cuda:{torch.cuda.current_device()}"
     try:
-        return _reconstruct(args, rank)
-    finally:
-        if own_group:
-            import torch.distributed as dist
+        code = _reconstruct(args, rank, TileGroup.of(True))
+    except DistributedRunError as e:
+        if not own_group:
+            raise
+        # Every rank got this error. Exit at once: gloo (torch 2.13) can abort with SIGABRT
+        # ("terminate called without an active exception") tearing down while a peer exits.
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    else:
+        if not own_group:
+            return code
+        import torch.distributed as dist
 
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see above: no interpreter finalization with gloo's threads around
 
 
-def _reconstruct(args, rank: int) -> int:
-    """Every rank computes (sharing tiles when ``--distributed``); rank 0 alone prints and writes."""
-    from . import load_model, metrics
+def _reconstruct(args, rank: int, group=None) -> int:
+    """Every rank computes (sharing tiles when ``--distributed``); rank 0 alone prints and writes.
+    With a ``group`` (:class:`~cvvae_core.distributed.TileGroup`), a failure on any rank, before,
+    in or after the engine, stops every rank with DistributedRunError."""
+    from . import load_model
     from .progress import TextProgress
     from .tiling import TilingOptions
-    from .video_io import (check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png,
-                           write_video)
+    from .video_io import check_output_path, read_video, to_model_range
 
-    check_output_path(args.output)  # before minutes of work, not after (every rank: all stop alike)
+    def guarded(fn):
+        if group is None:
+            return fn()
+        result = group.run(fn)
+        group.check()
+        return result
+
+    def prepare():
+        check_output_path(args.output)  # before minutes of work, not after
+        model = load_model(resolve_checkpoint(args.checkpoint), device=device,
+                           dtype=resolve_dtype(args.dtype, device), allow_pickle=args.allow_pickle)
+        frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
+        return model, frames, fps
+
     device = resolve_device(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    model = load_model(resolve_checkpoint(args.checkpoint), device=device, dtype=resolve_dtype(args.dtype, device),
-                       allow_pickle=args.allow_pickle)
-    frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
+    model, frames, fps = guarded(prepare)
     video = to_model_range(frames)
     say(f"model    {model.variant}, {model.latent_channels} latent channels, {model.dtype}, {device}")
     say(f"input    {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {fps:.2f} fps")
@@ -145,8 +167,17 @@ def _reconstruct(args, rank: int) -> int:
     t, h, w = enc.latent.shape[2:]
     recon = model.decode(enc, tiling=tiling("decode"))
     seconds = time.monotonic() - start
-    if rank != 0:
-        return 0
+    if rank == 0:
+        guarded(lambda: _write_outputs(args, frames, fps, video, enc, recon, seconds))
+    else:
+        guarded(lambda: None)  # waits for rank 0's writing; stops with it if that fails
+    return 0
+
+
+def _write_outputs(args, frames, fps, video, enc, recon, seconds):
+    from . import metrics
+    from .video_io import side_by_side_strip, to_uint8, write_png, write_video
+
     target = video[:, :, : recon.shape[2], : recon.shape[3], : recon.shape[4]]
     out_frames = to_uint8(recon)
     write_video(args.output, out_frames, fps)
@@ -158,7 +189,6 @@ def _reconstruct(args, rank: int) -> int:
     print(f"PSNR     {metrics.psnr(recon, target):.2f} dB")
     print(f"SSIM     {metrics.ssim(recon, target):.4f}")
     print(f"wrote    {args.output} and {strip} (top: input, bottom: reconstruction)")
-    return 0
 
 
 def build_parser(prog: str = "cvvae") -> argparse.ArgumentParser:

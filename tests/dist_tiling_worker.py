@@ -1,6 +1,7 @@
 """One rank of tests/test_distributed_tiling.py: ``python dist_tiling_worker.py OUT CASES_JSON``
 (RANK/WORLD_SIZE/MASTER_* set as torchrun does). Rank 0 saves every case's result to OUT."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,8 +42,11 @@ try:
         results[key] = run(model, x, opts)
 except DistributedRunError as err:
     print(f"rank {dist.get_rank()}: DistributedRunError: {err}", flush=True)
-    sys.exit(3)
+    sys.stdout.flush()
+    os._exit(3)  # no teardown: gloo can abort while the other rank exits (SIGABRT, pytorch#179291)
 print("streams " + json.dumps(streams), flush=True)
 if dist.get_rank() == 0:
     torch.save(results, sys.argv[1])
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # skip interpreter finalization: gloo (torch 2.13) can abort there (SIGABRT, pytorch#179291)

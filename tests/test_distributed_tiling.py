@@ -112,6 +112,19 @@ def test_reconstruct_distributed_cli(tmp_path, capsys):
     assert (one.int() - two.int()).abs().max() <= 1
 
 
+def test_reconstruct_distributed_cli_failure(tmp_path):
+    """A rank failing inside the engine: both ranks print the typed error and exit 2, no output."""
+    src = tmp_path / "in.mp4"
+    write_video(src, to_uint8(generate_clip(0, SyntheticConfig(frames=9, height=32, width=48))[None]), fps=8)
+    codes, logs = run_ranks(tmp_path, [], timeout=60, CVVAE_FAULT_RANK="1", cmd=[
+        sys.executable, "-m", "cvvae_core", "reconstruct", "builtin", str(src), str(tmp_path / "o.mp4"), "--device",
+        "cpu", "--tile-size", "16", "--chunk-frames", "4", "--distributed"])
+    assert codes == [2, 2], logs
+    for log in logs:
+        assert "error: rank 1 failed: InjectedFaultError" in log, logs
+    assert not (tmp_path / "o.mp4").exists()
+
+
 def test_distributed_refuses_other_tiling_modes(tmp_path, capsys):
     assert main(["reconstruct", "builtin", str(tmp_path / "in.mp4"), str(tmp_path / "o.mp4"), "--tiling", "official",
                  "--distributed"]) == 2
