@@ -9,15 +9,16 @@ from ._version import __version__
 from .checkpoint import load_model, read_state_dict, save_model
 from .config import PRESETS, SD, SD3, CVVAEConfig
 from .errors import (CancelledError, ChannelMismatchError, CheckpointCorruptError, CheckpointError,
-                     CheckpointKeyError, CheckpointNotFoundError, CVVAEError, ForeignCheckpointError, FrameCountError,
-                     InputError, OutOfMemoryError, PickleRefusedError)
+                     CheckpointKeyError, CheckpointNotFoundError, CVVAEError, DatasetRunMismatchError,
+                     ForeignCheckpointError, FrameCountError, InputError, OutOfMemoryError, PickleRefusedError)
 from .frames import FrameAdjustment, FramedLatent
+from .latent_dataset import LatentDataset
 from .model import CVVAE
 
 
 __all__ = [
     "__version__", "load_model", "save_model", "read_state_dict", "CVVAE", "CVVAEConfig", "PRESETS", "SD", "SD3",
-    "FrameAdjustment", "FramedLatent", "CVVAEError", "CheckpointError", "CheckpointNotFoundError",
+    "FrameAdjustment", "FramedLatent", "LatentDataset", "CVVAEError", "CheckpointError", "CheckpointNotFoundError",
     "CheckpointCorruptError", "PickleRefusedError", "ForeignCheckpointError", "CheckpointKeyError", "InputError",
-    "FrameCountError", "ChannelMismatchError", "OutOfMemoryError", "CancelledError",
+    "FrameCountError", "ChannelMismatchError", "OutOfMemoryError", "CancelledError", "DatasetRunMismatchError",
 ]

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .errors import CVVAEError, InputError
+from .errors import CVVAEError, DistributedRunError, InputError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,33 +84,91 @@ def cmd_info(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from . import load_model, metrics
+    if not args.distributed:
+        return _reconstruct(args, rank=0)
+    from .distributed import TileGroup, init_distributed
+
+    if args.tiling != "seamless":
+        raise InputError(f"--distributed shares the seamless engine's tiles; it does not apply to --tiling {args.tiling}")
+    device = resolve_device(args.device)
+    rank, world, own_group = init_distributed(device)
+    if device.type == "cuda" and world > 1 and args.device == "auto":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    try:
+        code = _reconstruct(args, rank, TileGroup.of(True))
+    except DistributedRunError as e:
+        if not own_group:
+            raise
+        # Every rank got this error. Exit at once: gloo (torch 2.13) can abort with SIGABRT
+        # ("terminate called without an active exception") tearing down while a peer exits.
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    else:
+        if not own_group:
+            return code
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see above: no interpreter finalization with gloo's threads around
+
+
+def _reconstruct(args, rank: int, group=None) -> int:
+    """Every rank computes (sharing tiles when ``--distributed``); rank 0 alone prints and writes.
+    With a ``group`` (:class:`~cvvae_core.distributed.TileGroup`), a failure on any rank, before,
+    in or after the engine, stops every rank with DistributedRunError."""
+    from . import load_model
     from .progress import TextProgress
     from .tiling import TilingOptions
-    from .video_io import (check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png,
-                           write_video)
+    from .video_io import check_output_path, read_video, to_model_range
 
-    check_output_path(args.output)  # before minutes of work, not after
+    def guarded(fn):
+        if group is None:
+            return fn()
+        result = group.run(fn)
+        group.check()
+        return result
+
+    def prepare():
+        check_output_path(args.output)  # before minutes of work, not after
+        model = load_model(args.checkpoint, device=device,
+                           dtype=resolve_dtype(args.dtype, device), allow_pickle=args.allow_pickle)
+        frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
+        return model, frames, fps
+
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype, device),
-                       allow_pickle=args.allow_pickle)
-    frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    model, frames, fps = guarded(prepare)
     video = to_model_range(frames)
-    print(f"model    {model.variant}, {model.latent_channels} latent channels, {model.dtype}, {device}")
-    print(f"input    {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {fps:.2f} fps")
+    say(f"model    {model.variant}, {model.latent_channels} latent channels, {model.dtype}, {device}")
+    say(f"input    {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {fps:.2f} fps")
     start = time.monotonic()
 
     def tiling(label: str) -> TilingOptions:
         return TilingOptions(mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames,
-                             progress=TextProgress(label, percent=True))
+                             progress=TextProgress(label, percent=True) if rank == 0 else None,
+                             distributed=args.distributed)
     enc = model.encode(video, frame_policy="trim", tiling=tiling("encode"))
     if enc.adjustment.changed:
         a = enc.adjustment
-        print(f"trimmed  {a.trimmed_frames} trailing frames, {a.trimmed_height} rows, {a.trimmed_width} columns "
+        say(f"trimmed  {a.trimmed_frames} trailing frames, {a.trimmed_height} rows, {a.trimmed_width} columns "
               "(CV-VAE takes 1+4k frames, sizes in multiples of 8)")
     t, h, w = enc.latent.shape[2:]
     recon = model.decode(enc, tiling=tiling("decode"))
     seconds = time.monotonic() - start
+    if rank == 0:
+        guarded(lambda: _write_outputs(args, frames, fps, video, enc, recon, seconds))
+    else:
+        guarded(lambda: None)  # waits for rank 0's writing; stops with it if that fails
+    return 0
+
+
+def _write_outputs(args, frames, fps, video, enc, recon, seconds):
+    from . import metrics
+    from .video_io import side_by_side_strip, to_uint8, write_png, write_video
+
     target = video[:, :, : recon.shape[2], : recon.shape[3], : recon.shape[4]]
     out_frames = to_uint8(recon)
     write_video(args.output, out_frames, fps)
@@ -121,7 +180,6 @@ def cmd_reconstruct(args) -> int:
     print(f"PSNR     {metrics.psnr(recon, target):.2f} dB")
     print(f"SSIM     {metrics.ssim(recon, target):.4f}")
     print(f"wrote    {args.output} and {strip} (top: input, bottom: reconstruction)")
-    return 0
 
 
 def build_parser(prog: str = "cvvae") -> argparse.ArgumentParser:
@@ -149,11 +207,14 @@ def build_parser(prog: str = "cvvae") -> argparse.ArgumentParser:
     p.add_argument("--chunk-frames", type=int_at_least(1), help="frames per time chunk (default: automatic)")
     p.add_argument("--strip", help="side-by-side PNG path (default: OUTPUT with .png)")
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun: share the seamless tiles of the clip among the ranks (rank 0 writes)")
     p.set_defaults(func=cmd_reconstruct)
 
-    from . import cli_train  # train, inflate, compat, demo
+    from . import cli_dataset, cli_train  # train, inflate, compat, demo; encode-dataset, merge
 
     cli_train.register(sub)
+    cli_dataset.register(sub)
     return parser
 
 

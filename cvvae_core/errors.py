@@ -55,3 +55,15 @@ class OutOfMemoryError(CVVAEError, RuntimeError):
 
 class CancelledError(CVVAEError):
     """The caller's cancellation check asked to stop."""
+
+
+class DatasetRunMismatchError(CVVAEError):
+    """An encode-dataset output folder was started with other settings than this run's."""
+
+
+class InjectedFaultError(CVVAEError, RuntimeError):
+    """A deliberate failure from the fault-injection hook (tests of resume after a crash)."""
+
+
+class DistributedRunError(CVVAEError, RuntimeError):
+    """A rank of a ``--distributed`` (tiles across ranks) run failed; every rank stops with this."""

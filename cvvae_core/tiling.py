@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import streaming as st
+from .distributed import TileGroup
 from .errors import CancelledError, InputError, OutOfMemoryError
 
 MODES = ("seamless", "official", "none")
@@ -80,6 +81,9 @@ class TilingOptions:
     # 64 px tiles: decode 32.1 -> 43.2 dB against untiled)
     stats_passes: int | None = None
     memory_budget: int | None = None  # bytes the engine may use on the device; None = from free memory
+    # seamless: share the clip's tiles among the ranks of the initialised torch.distributed group
+    # (see cvvae_core.distributed); every rank gets the whole result. No effect in one process.
+    distributed: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -250,9 +254,15 @@ def _with_fallback(model, opts: TilingOptions, x: torch.Tensor, what: str) -> to
     t = x.shape[2] if what == "encode" else model.config.video_frames(x.shape[2])
     h, w = x.shape[3] * scale, x.shape[4] * scale
     plan = auto_plan(model, opts, t, h, w)
+    group = TileGroup.of(opts.distributed)
+    if group is not None:
+        # Every rank must take the same plan (free memory differs between ranks): rank 0's.
+        sizes = torch.tensor([plan.tile, plan.chunk], device=group._device())
+        group.dist.broadcast(sizes, 0)
+        plan = Plan(int(sizes[0]), int(sizes[1]))
     while True:
         try:
-            return (_seamless_encode if what == "encode" else _seamless_decode)(model, x, opts, plan)
+            return (_seamless_encode if what == "encode" else _seamless_decode)(model, x, opts, plan, group)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_oom(err):
                 raise
@@ -328,14 +338,25 @@ def _decoder_middle(decoder, latent: torch.Tensor) -> torch.Tensor:
     return decoder.mid(decoder.conv_in(latent))
 
 
-def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan) -> torch.Tensor:
+def _guarded_untiled(model, opts: TilingOptions, x: torch.Tensor, what: str, group: TileGroup | None):
+    """The whole-clip pass; with a group every rank runs it (nothing to share) and a failure stops all."""
+    if group is None:
+        return _untiled(model, opts, x, what)
+    out = group.run(_untiled, model, opts, x, what)
+    group.check()
+    return out
+
+
+def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan,
+                     group: TileGroup | None = None) -> torch.Tensor:
     enc, cfg, dev, dtype = model.encoder, model.config, model.device, model.dtype
     b, _, t, h, w = video.shape
     s = cfg.spatial_compression
     tiles = st.make_tiles(h, w, plan.tile, st.encoder_halo(cfg), s)
     chunks = _chunks(t, plan.chunk)
     if len(tiles) == 1 and len(chunks) == 1:
-        return _untiled(model, opts, video, "encode")
+        return _guarded_untiled(model, opts, video, "encode", group)
+    mine = (lambda k: True) if group is None else group.mine  # noqa: E731
     passes = _stats_passes(opts, tiles)
     feats_shape = (b, cfg.level_channels[-1], cfg.latent_frames(t), h // s, w // s)
     # Every pass runs the same down path (gathering passes skip only the head), then the head once.
@@ -347,12 +368,15 @@ def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan
     book = st.StatsBook()
 
     def down_path(collect: bool, feats: torch.Tensor | None):
-        streams = [st.encoder_stream(enc, tile, book, collect) for tile in tiles]
+        streams = [st.encoder_stream(enc, tile, book, collect) if mine(k) else None for k, tile in enumerate(tiles)]
         written = [0] * len(tiles)
         for ci, (a, z) in enumerate(chunks):
             last = ci == len(chunks) - 1
             for k, tile in enumerate(tiles):
                 prog.check()
+                if not mine(k):  # another rank's tile: progress counts the whole clip's work
+                    prog.step(costs[k][ci])
+                    continue
                 x = video[:, :, a:z, tile.hr0:tile.hr1, tile.hc0:tile.hc1].to(dev, dtype, non_blocking=True)
                 y = st.run_stream(streams[k], x, last)
                 if y is not None and feats is not None:
@@ -364,29 +388,49 @@ def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan
                 prog.step(costs[k][ci])
         return written
 
+    def head(feats: torch.Tensor) -> torch.Tensor:
+        prog.check()
+        # The low-resolution head runs whole: its norms, causal convs and per-frame attention are exact.
+        moments = _encoder_head(enc, feats)
+        out = _output_buffer(moments.shape, opts, dev)
+        out.copy_(moments, non_blocking=True)
+        prog.step(head_cost)
+        return _finish(out, dev)
+
+    if group is None:
+        for _ in range(passes):
+            down_path(True, None)
+            book.freeze()
+        feats = torch.empty(feats_shape, device=dev, dtype=dtype)
+        written = down_path(False, feats)
+        assert all(n == feats.shape[2] for n in written), (written, feats.shape)
+        return head(feats)
+    # Across ranks: each runs its tiles; statistics merged after every gathering pass; the feature
+    # buffers (zeros outside a rank's tiles) summed; then every rank runs the head on the whole.
     for _ in range(passes):
-        down_path(True, None)
+        group.run(down_path, True, None)
+        group.merge_stats(book)
         book.freeze()
-    feats = torch.empty(feats_shape, device=dev, dtype=dtype)
-    written = down_path(False, feats)
-    assert all(n == feats.shape[2] for n in written), (written, feats.shape)
-    prog.check()
-    # The low-resolution head runs whole: its norms, causal convs and per-frame attention are exact.
-    moments = _encoder_head(enc, feats)
-    out = _output_buffer(moments.shape, opts, dev)
-    out.copy_(moments, non_blocking=True)
-    prog.step(head_cost)
-    return _finish(out, dev)
+    feats = torch.zeros(feats_shape, device=dev, dtype=dtype)
+    written = group.run(down_path, False, feats)
+    if group.error is None and not all(n == feats.shape[2] for k, n in enumerate(written) if mine(k)):
+        group.error = AssertionError(f"latent frames written per tile {written}, expected {feats.shape[2]}")
+    group.all_sum(feats)
+    out = group.run(head, feats)
+    group.check()
+    return out
 
 
-def _seamless_decode(model, latent: torch.Tensor, opts: TilingOptions, plan: Plan) -> torch.Tensor:
+def _seamless_decode(model, latent: torch.Tensor, opts: TilingOptions, plan: Plan,
+                     group: TileGroup | None = None) -> torch.Tensor:
     dec, cfg, dev, dtype = model.decoder, model.config, model.device, model.dtype
     b, _, n_lat, lh, lw = latent.shape
     s, tc = cfg.spatial_compression, cfg.time_compression
     tiles = st.make_tiles(lh, lw, max(1, plan.tile // s), st.decoder_halo(cfg), 1)
     chunks = _chunks(n_lat, max(1, plan.chunk // tc))
     if len(tiles) == 1 and len(chunks) == 1:
-        return _untiled(model, opts, latent, "decode")
+        return _guarded_untiled(model, opts, latent, "decode", group)
+    mine = (lambda k: True) if group is None else group.mine  # noqa: E731
     passes = _stats_passes(opts, tiles)
     # The middle runs once; gathering passes stop before conv_out (they only need norm_out's
     # statistics), so they cost a little less than the output pass.
@@ -397,21 +441,36 @@ def _seamless_decode(model, latent: torch.Tensor, opts: TilingOptions, plan: Pla
                     for output in (False, True)}
     total = middle_cost + passes * sum(map(sum, stream_costs[False])) + sum(map(sum, stream_costs[True]))
     prog = _Progress(opts, total)
-    prog.check()
-    # Input conv and mid-block (temporal attention over the whole sequence) at 1/8 resolution: whole.
-    mid = _decoder_middle(dec, latent.to(dev, dtype))
-    prog.step(middle_cost)
+
+    def middle() -> torch.Tensor:
+        prog.check()
+        # Input conv and mid-block (temporal attention over the whole sequence) at 1/8 resolution: whole.
+        mid = _decoder_middle(dec, latent.to(dev, dtype))
+        prog.step(middle_cost)
+        return mid
+
+    if group is None:
+        mid = middle()
+    else:
+        mid = group.run(middle)
+        group.check()
     book = st.StatsBook()
     out = _output_buffer((b, cfg.in_channels, cfg.video_frames(n_lat), lh * s, lw * s), opts, dev)
+    if group is not None:
+        out.zero_()  # summed across ranks: zeros outside this rank's tiles
 
     def up_path(collect: bool, write: bool):
-        streams = [st.decoder_stream(dec, tile, book, collect, output=write) for tile in tiles]
+        streams = [st.decoder_stream(dec, tile, book, collect, output=write) if mine(k) else None
+                   for k, tile in enumerate(tiles)]
         costs = stream_costs[write]
         written = [0] * len(tiles)
         for ci, (a, z) in enumerate(chunks):
             last = ci == len(chunks) - 1
             for k, tile in enumerate(tiles):
                 prog.check()
+                if not mine(k):  # another rank's tile: progress counts the whole clip's work
+                    prog.step(costs[k][ci])
+                    continue
                 y = st.run_stream(streams[k], mid[:, :, a:z, tile.hr0:tile.hr1, tile.hc0:tile.hc1], last)
                 if y is not None and write:
                     r0, r1, c0, c1 = tile.owned(s, 1)
@@ -422,12 +481,26 @@ def _seamless_decode(model, latent: torch.Tensor, opts: TilingOptions, plan: Pla
                 prog.step(costs[k][ci])
         return written
 
+    if group is None:
+        for _ in range(passes):
+            up_path(True, False)
+            book.freeze()
+        written = up_path(False, True)
+        assert all(n == out.shape[2] for n in written), (written, out.shape)
+        return _finish(out, dev)
+    # Across ranks: each runs its tiles; statistics merged after every gathering pass; the output
+    # buffers (zeros outside a rank's tiles) summed, so every rank ends with the whole video.
     for _ in range(passes):
-        up_path(True, False)
+        group.run(up_path, True, False)
+        group.merge_stats(book)
         book.freeze()
-    written = up_path(False, True)
-    assert all(n == out.shape[2] for n in written), (written, out.shape)
-    return _finish(out, dev)
+    written = group.run(up_path, False, True)
+    if group.error is None:
+        _finish(out, dev)
+        if not all(n == out.shape[2] for k, n in enumerate(written) if mine(k)):
+            group.error = AssertionError(f"frames written per tile {written}, expected {out.shape[2]}")
+    group.all_sum(out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------

@@ -58,9 +58,12 @@ def _open_error(path: str, err: Exception) -> VideoFileError:
     return VideoFileError(f"cannot open video {path}: {reason}; check that it is a video file PyAV/FFmpeg can read")
 
 
-def read_video(path, max_frames: int | None = None, height: int | None = None, width: int | None = None):
-    """Frames of ``path`` as uint8 ``[T, H, W, 3]`` and the frame rate. With ``height``/``width``
-    the frames are scaled to cover that size (aspect kept, antialiased) and centre-cropped.
+def read_video(path, max_frames: int | None = None, height: int | None = None, width: int | None = None,
+               stride: int = 1):
+    """Frames of ``path`` as uint8 ``[T, H, W, 3]`` and the frame rate. ``stride`` keeps every
+    n-th frame; ``max_frames`` counts kept frames. With ``height``/``width`` the frames are scaled
+    to cover that size (aspect kept, antialiased) and centre-cropped, in small groups as they are
+    decoded, so a long high-resolution video never sits in memory at full size.
     Files that cannot be read raise :class:`~cvvae_core.errors.VideoFileError` saying why."""
     import av
 
@@ -69,6 +72,14 @@ def read_video(path, max_frames: int | None = None, height: int | None = None, w
         container = av.open(path)
     except (av.error.FFmpegError, OSError) as e:
         raise _open_error(path, e) from None
+    resized, pending, kept, decoded = [], [], 0, 0
+
+    def resize_pending():
+        group = torch.stack(pending)
+        resized.append(resize_cover(group, height or group.shape[1], width or group.shape[2])
+                       if height or width else group)
+        pending.clear()
+
     with container:
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["no"]
@@ -76,21 +87,25 @@ def read_video(path, max_frames: int | None = None, height: int | None = None, w
                                  "pass a file with video")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 24)
-        frames = []
         try:
             for frame in container.decode(stream):
-                frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
-                if max_frames is not None and len(frames) >= max_frames:
+                decoded += 1
+                if (decoded - 1) % stride:
+                    continue
+                pending.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+                kept += 1
+                if len(pending) == 16:
+                    resize_pending()
+                if max_frames is not None and kept >= max_frames:
                     break
         except av.error.FFmpegError as e:
-            raise VideoFileError(f"{path} is truncated or corrupt: decoding failed after {len(frames)} frames "
+            raise VideoFileError(f"{path} is truncated or corrupt: decoding failed after {decoded} frames "
                                  f"({e.strerror}); get the file again or {_REENCODE}") from None
-    if not frames:
+    if pending:
+        resize_pending()
+    if not resized:
         raise VideoFileError(f"{path} holds no video frames (its video stream is empty); pass another video")
-    video = torch.stack(frames)
-    if height or width:
-        video = resize_cover(video, height or video.shape[1], width or video.shape[2])
-    return video, fps
+    return torch.cat(resized), fps
 
 
 def check_output_path(path) -> Path:
