@@ -84,11 +84,9 @@ def load_image_vae_arg(spec: str, device=None):
     space the built-in CV-VAE shares) or a file; a CV-VAE file is refused with what to give."""
     from .builtin import load_builtin_image_vae
     from .image_vae import load_image_vae
-    from .inflate import refuse_video_vae
 
     if spec == "builtin":
         return load_builtin_image_vae(device)
-    refuse_video_vae(spec)
     return load_image_vae(spec, device)
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import read_safetensors, write_safetensors
-from .errors import CheckpointKeyError, CheckpointNotFoundError
+from .checkpoint import WEIGHTS_NAME, read_safetensors, write_safetensors
+from .errors import CheckpointKeyError, CheckpointNotFoundError, ForeignCheckpointError
 
 PREFIXES = ("first_stage_model.", "vae.", "")
 
@@ -270,13 +270,26 @@ def detect_image_config(sd: dict, hints: dict | None = None) -> ImageVAEConfig:
                                  "32-group GroupNorm needs its 'image_vae_config' metadata (save_image_vae writes it)")
 
 
+_GIVE_AN_IMAGE_VAE = ("Give an SD-family image VAE .safetensors (e.g. an SD1.x/2.x VAE), or 'builtin' for the "
+                      "built-in image VAE; a CV-VAE file goes where a CV-VAE is asked for (info, reconstruct, the "
+                      "first argument of compat).")
+
+
 def load_image_vae(path, device=None, dtype=torch.float32) -> ImageVAE:
-    """Load an LDM-layout image VAE from ``.safetensors`` (frozen, eval mode)."""
+    """Load an LDM-layout image VAE from ``.safetensors`` (frozen, eval mode). A CV-VAE file or
+    release folder given instead is refused with a typed error saying what to give."""
     path = Path(os.fspath(path))
+    if path.is_dir():
+        what = "a CV-VAE release folder" if (path / WEIGHTS_NAME).is_file() else "a folder"
+        raise CheckpointNotFoundError(f"{path} is {what}, not an image VAE file. {_GIVE_AN_IMAGE_VAE}")
     if not path.is_file():
         raise CheckpointNotFoundError(f"image VAE file {path} does not exist; pass the path of a .safetensors file")
     sd, meta = read_safetensors(path)
     sd = strip_vae_prefix(sd)
+    conv_in = sd.get("encoder.conv_in.weight")
+    if conv_in is not None and conv_in.dim() == 5:
+        raise ForeignCheckpointError(f"{path.name} is a CV-VAE (a 3-D video VAE: its convolutions are 3-D), not "
+                                     f"an image VAE. {_GIVE_AN_IMAGE_VAE}")
     hints = json.loads(meta["image_vae_config"]) if "image_vae_config" in meta else None
     cfg = detect_image_config(sd, hints)
     model = ImageVAE(cfg)

@@ -29,52 +29,16 @@ That is the one place where the inflated model differs from the image VAE on a s
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import WEIGHTS_NAME
 from .config import CVVAEConfig
-from .errors import CheckpointNotFoundError, ForeignCheckpointError
 from .image_vae import ImageVAE
 from .model import CVVAE
 from .synthetic import SyntheticConfig, generate_batch
 
 TEMPORAL_ATTN = "decoder.mid.attn_1."
 TEMPORAL_NAMES = ("norm_t", "q_t", "k_t", "v_t", "proj_out_t")
-
-
-_GIVE_AN_IMAGE_VAE = ("Give an SD-family image VAE .safetensors (e.g. an SD1.x/2.x VAE), or 'builtin' for the "
-                      "built-in image VAE; a CV-VAE file goes where a CV-VAE is asked for (info, reconstruct, the "
-                      "first argument of compat).")
-
-
-def _conv_in_rank(path: Path) -> int | None:
-    """Dimensions of ``encoder.conv_in.weight`` (under any prefix) read from the safetensors
-    header alone; None when there is none or the file is no readable safetensors."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            key = next((k for k in f.keys() if k.endswith("encoder.conv_in.weight")), None)
-            return None if key is None else len(f.get_slice(key).get_shape())
-    except (SafetensorError, OSError):
-        return None
-
-
-def refuse_video_vae(path) -> None:
-    """Raise a typed error naming what ``path`` is when it is a CV-VAE (3-D convolutions) or a
-    release folder, where an image VAE file is expected. Other files are left to the image VAE
-    loader, which explains corrupt and foreign files itself."""
-    path = Path(os.fspath(path))
-    if path.is_dir():
-        what = "a CV-VAE release folder" if (path / WEIGHTS_NAME).is_file() else "a folder"
-        raise CheckpointNotFoundError(f"{path} is {what}, not an image VAE file. {_GIVE_AN_IMAGE_VAE}")
-    if path.is_file() and _conv_in_rank(path) == 5:
-        raise ForeignCheckpointError(f"{path.name} is a CV-VAE (a 3-D video VAE: its convolutions are 3-D), not "
-                                     f"an image VAE. {_GIVE_AN_IMAGE_VAE}")
 
 
 def video_config(image_cfg, **overrides) -> CVVAEConfig:

@@ -74,10 +74,9 @@ def test_sd_prefixed_checkpoint_with_quant_conv_loads_and_inflates(tmp_path):
 def test_a_cvvae_file_or_folder_is_refused_with_what_to_give(tiny_model, tmp_path):
     import cvvae_core
     from cvvae_core.errors import CheckpointNotFoundError, ForeignCheckpointError
-    from cvvae_core.inflate import refuse_video_vae
 
     with pytest.raises(ForeignCheckpointError, match="is a CV-VAE .*'builtin' for the built-in image VAE"):
-        refuse_video_vae(cvvae_core.save_model(tiny_model, tmp_path / "video.safetensors"))
+        load_image_vae(cvvae_core.save_model(tiny_model, tmp_path / "video.safetensors"))
     with pytest.raises(CheckpointNotFoundError, match="is a CV-VAE release folder, not an image VAE file"):
-        refuse_video_vae(cvvae_core.save_model(tiny_model, tmp_path / "release"))
-    refuse_video_vae(save_image_vae(tiny_image_vae(False), tmp_path / "image.safetensors"))  # an image VAE passes
+        load_image_vae(cvvae_core.save_model(tiny_model, tmp_path / "release"))
+    load_image_vae(save_image_vae(tiny_image_vae(False), tmp_path / "image.safetensors"))  # an image VAE loads
