@@ -15,7 +15,6 @@ from .frames import FrameAdjustment, FramedLatent
 from .latent_dataset import LatentDataset
 from .model import CVVAE
 
-
 __all__ = [
     "__version__", "load_model", "save_model", "read_state_dict", "CVVAE", "CVVAEConfig", "PRESETS", "SD", "SD3",
     "FrameAdjustment", "FramedLatent", "LatentDataset", "CVVAEError", "CheckpointError", "CheckpointNotFoundError",

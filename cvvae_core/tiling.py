@@ -132,8 +132,11 @@ class _Progress:
 # Counted, not timed: a weightless copy of the model (meta device) runs the same code on shapes
 # only, and torch's FlopCounterMode adds up the multiply-adds of its convolutions, matrix
 # products and attention. Norms and element-wise ops are not counted; they scale with the same
-# voxels as the convolutions around them.
-def _flops(fn, *args) -> int:
+# voxels as the convolutions around them. Counting takes time (about 0.8 s for a 17-frame
+# 576x1024 encode), so without a progress callback every step simply costs 1.
+def _flops(counting: bool, fn, *args) -> int:
+    if not counting:
+        return 1
     counter = FlopCounterMode(display=False)
     with counter:
         fn(*args)
@@ -150,16 +153,19 @@ def _weightless_twin(model):
         return type(model)(model.config)
 
 
-def _stream_costs(make_stream, tiles: list, chunks: list, channels: int, batch: int) -> list[list[int]]:
+def _stream_costs(counting: bool, make_stream, tiles: list, chunks: list, channels: int,
+                  batch: int) -> list[list[int]]:
     """``costs[k][ci]``: flops of tile ``k``'s stream when fed time chunk ``ci`` (a stream answers
     some frames one chunk late, which this counts exactly). Tiles of the same size cost the same."""
+    if not counting:
+        return [[1] * len(chunks) for _ in tiles]
     by_size: dict[tuple[int, int], list[int]] = {}
     costs = []
     for tile in tiles:
         size = (tile.hr1 - tile.hr0, tile.hc1 - tile.hc0)
         if size not in by_size:
             stream = make_stream(tile)
-            by_size[size] = [_flops(st.run_stream, stream, _meta((batch, channels, z - a, *size)),
+            by_size[size] = [_flops(True, st.run_stream, stream, _meta((batch, channels, z - a, *size)),
                                     ci == len(chunks) - 1) for ci, (a, z) in enumerate(chunks)]
         costs.append(by_size[size])
     return costs
@@ -360,10 +366,11 @@ def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan
     passes = _stats_passes(opts, tiles)
     feats_shape = (b, cfg.level_channels[-1], cfg.latent_frames(t), h // s, w // s)
     # Every pass runs the same down path (gathering passes skip only the head), then the head once.
-    twin = _weightless_twin(model)
-    costs = _stream_costs(lambda tile: st.encoder_stream(twin.encoder, tile, None, False), tiles, chunks,
-                          video.shape[1], b)
-    head_cost = _flops(_encoder_head, twin.encoder, _meta(feats_shape))
+    counting = opts.progress is not None
+    twin = _weightless_twin(model) if counting else None
+    costs = _stream_costs(counting, lambda tile: st.encoder_stream(twin.encoder, tile, None, False),
+                          tiles, chunks, video.shape[1], b)
+    head_cost = _flops(counting, _encoder_head, twin and twin.encoder, _meta(feats_shape))
     prog = _Progress(opts, (1 + passes) * sum(map(sum, costs)) + head_cost)
     book = st.StatsBook()
 
@@ -434,9 +441,11 @@ def _seamless_decode(model, latent: torch.Tensor, opts: TilingOptions, plan: Pla
     passes = _stats_passes(opts, tiles)
     # The middle runs once; gathering passes stop before conv_out (they only need norm_out's
     # statistics), so they cost a little less than the output pass.
-    twin = _weightless_twin(model)
-    middle_cost = _flops(_decoder_middle, twin.decoder, _meta(latent.shape))
-    stream_costs = {output: _stream_costs(lambda tile: st.decoder_stream(twin.decoder, tile, None, False, output),
+    counting = opts.progress is not None
+    twin = _weightless_twin(model) if counting else None
+    middle_cost = _flops(counting, _decoder_middle, twin and twin.decoder, _meta(latent.shape))
+    stream_costs = {output: _stream_costs(counting,
+                                          lambda tile: st.decoder_stream(twin.decoder, tile, None, False, output),
                                           tiles, chunks, cfg.level_channels[-1], b)
                     for output in (False, True)}
     total = middle_cost + passes * sum(map(sum, stream_costs[False])) + sum(map(sum, stream_costs[True]))

@@ -20,7 +20,7 @@ OUTPUT_SUFFIXES = (".mp4", ".mkv", ".mov")
 _SIGNATURES = {"MP4/MOV": lambda b: b[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"),
                "Matroska/WebM": lambda b: b[:4] == b"\x1aE\xdf\xa3",
                "AVI": lambda b: b[:4] == b"RIFF" and b[8:12] == b"AVI ",
-               "MPEG-TS": lambda b: b[:1] == b"\x47",
+               "MPEG-TS": lambda b: b[:1] == b[188:189] == b"\x47",  # a sync byte every 188-byte packet
                "FLV": lambda b: b[:3] == b"FLV",
                "Ogg": lambda b: b[:4] == b"OggS"}
 
@@ -44,7 +44,7 @@ def _open_error(path: str, err: Exception) -> VideoFileError:
         return VideoFileError(f"cannot read {path}: permission denied")
     if isinstance(err, av.error.InvalidDataError) and os.path.isfile(path):
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(189)
         if not head:
             return VideoFileError(f"{path} is empty (0 bytes); copy or download the video again")
         container = _container_guess(head)
