@@ -146,11 +146,13 @@ def _reconstruct(args, rank: int, group=None) -> int:
     say(f"input    {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {fps:.2f} fps")
     start = time.monotonic()
 
-    def tiling(label: str) -> TilingOptions:
+    def tiling(label: str) -> TilingOptions | None:
+        if args.tiling == "none":
+            return None  # untiled: the whole clip at once
         return TilingOptions(mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames,
                              progress=TextProgress(label, percent=True) if rank == 0 else None,
                              distributed=args.distributed)
-    enc = model.encode(video, frame_policy="trim", tiling=tiling("encode"))
+    enc = model.encode_framed(video, frame_policy="trim", tiling=tiling("encode"))
     if enc.adjustment.changed:
         a = enc.adjustment
         say(f"trimmed  {a.trimmed_frames} trailing frames, {a.trimmed_height} rows, {a.trimmed_width} columns "

@@ -2,9 +2,10 @@
 
 The seamless engine (:mod:`cvvae_core.tiling`) uses :class:`TileGroup` when
 ``TilingOptions.distributed`` is set and a process group of more than one rank is initialised:
-each rank runs tiles ``k % world == rank``, the GroupNorm statistics of every gathering pass are
-merged across ranks (exactly: per-rank count, mean and M2 combined with Chan's formula in
-float64), and the output buffers, zero where a rank wrote nothing, are summed. Every collective is
+each rank runs the pieces ``k % world == rank`` of every layer step, the GroupNorm statistics of each
+step's output are merged across ranks (exactly: per-rank count, mean and M2 combined with Chan's
+formula in float64), and each step's output, zero where a rank wrote nothing, is summed across ranks
+before the next step reads it. Every collective is
 preceded by a status exchange, so a rank that fails makes every rank raise
 :class:`~cvvae_core.errors.DistributedRunError` instead of leaving the others waiting.
 """
@@ -100,20 +101,20 @@ class TileGroup:
             self.dist.all_reduce(part)
             t[:, :, i].copy_(part)
 
-    def merge_stats(self, book):
-        """Replace every rank's StatsBook accumulators by the merge of all ranks' ones."""
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def merge_moments(self, moments):
+        """Replace every rank's GroupMoments (of its own pieces) by the merge of all ranks' ones."""
         self.check()
-        local = {k: (n, m.cpu(), m2.cpu()) for k, (n, m, m2) in book._acc.items()}
+        local = (moments.n, None if moments.n == 0 else moments.mean.cpu(), None if moments.n == 0 else moments.m2.cpu())
         parts = [None] * self.world
         self.dist.all_gather_object(parts, local)
-        merged: dict[str, list] = {}
-        for part in parts:  # rank order: the same merge on every rank
-            for k, (n, m, m2) in part.items():
-                if k not in merged:
-                    merged[k] = [n, m, m2]
-                    continue
-                na, ma, m2a = merged[k]
-                tot = na + n
-                delta = m - ma
-                merged[k] = [tot, ma + delta * (n / tot), m2a + m2 + delta.square() * (na * n / tot)]
-        book._acc = merged
+        device = None if moments.mean is None else moments.mean.device
+        moments.n, moments.mean, moments.m2 = 0, None, None
+        for n, mean, m2 in parts:  # rank order: the same merge on every rank
+            if n:
+                moments.merge(n, mean.to(device) if device else mean, m2.to(device) if device else m2)

@@ -67,3 +67,7 @@ class InjectedFaultError(CVVAEError, RuntimeError):
 
 class DistributedRunError(CVVAEError, RuntimeError):
     """A rank of a ``--distributed`` (tiles across ranks) run failed; every rank stops with this."""
+
+
+class UnsupportedLayerError(CVVAEError, TypeError):
+    """A model layer the streaming engine has no handler for (raised when its program is built)."""

@@ -82,10 +82,10 @@ def check_video(video: torch.Tensor, cfg: CVVAEConfig, policy: str = "error"):
         if (t - 1) % tc:
             a, b2 = valid_frame_counts_near(t, tc)
             raise FrameCountError(f"{t} frames: CV-VAE needs 1+{tc}k frames; the nearest valid counts are "
-                                  f"{a} and {b2}. Use frame_policy='pad' or 'trim', or cut the clip.")
+                                  f"{a} and {b2}. Use CVVAE.encode_framed(video, frame_policy='pad' or 'trim'), or cut the clip.")
         if h % sc or w % sc:
             raise FrameCountError(f"frame size {h}x{w}: height and width must be multiples of {sc}. "
-                                  "Use frame_policy='pad' or 'trim', or resize.")
+                                  "Use CVVAE.encode_framed(video, frame_policy='pad' or 'trim'), or resize.")
 
 
 def check_latent(latent: torch.Tensor, cfg: CVVAEConfig):

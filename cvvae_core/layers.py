@@ -1,15 +1,21 @@
 """Building blocks shared by both CV-VAE variants.
 
-Tensors are ``[B, C, T, H, W]`` throughout. Padding is done explicitly (not by the convolution)
-because the official code pads time and space differently, and differently per variant:
+Tensors are ``[B, C, T, H, W]`` throughout. Every convolution pads the clip itself, because the
+official code pads time and space differently, and differently per variant:
 
 * encoder 3-D convolutions are *causal*: the first frame is repeated ``2p`` times in front,
   nothing is added at the end; space is zero-padded (SD) or replicate-padded (SD3);
 * decoder 3-D convolutions pad time symmetrically: zeros (SD) or replicate (SD3);
 * the second convolution of every ResNet block is a 2-D 3x3 convolution run on every frame
   (``half_3d`` in the official code), always zero-padded.
+
+Each convolution states its padding once, as a :class:`ClipPadding`; the whole-clip forward
+pads with all of it, and the streaming engine (:mod:`cvvae_core.streaming`) pads a piece only
+where the piece reaches the clip's edge, so both compute the same function.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,111 +23,150 @@ from torch import nn
 
 from .config import CVVAEConfig
 
+Amounts = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (before, after) for T, H, W
 
-def pad_video(x: torch.Tensor, space: tuple[int, int, int, int], time: tuple[int, int],
-              space_mode: str) -> torch.Tensor:
-    """Pad W, H by ``space`` = (left, right, top, bottom) with ``space_mode`` (``constant`` = 0 or
-    ``replicate``) and T by ``time`` = (front, back), always replicating the edge frame."""
-    if space_mode == "replicate":
-        return F.pad(x, (*space, *time), mode="replicate")
-    x = F.pad(x, (*space, 0, 0))
-    if time != (0, 0):
-        x = F.pad(x, (0, 0, 0, 0, *time), mode="replicate")
-    return x
+_F_PAD_MODE = {"zeros": "constant", "replicate": "replicate"}
 
 
-def group_norm(channels: int, cfg: CVVAEConfig) -> nn.GroupNorm:
-    # Applied to 5-D tensors, so statistics pool over (C/groups, T, H, W): every frame of the
-    # clip influences every other frame's normalisation, exactly as in the official models.
-    return nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps, affine=True)
+@dataclass(frozen=True)
+class ClipPadding:
+    """What a convolution adds around the clip: (before, after) frames, rows and columns, and how
+    the time and the space borders are filled (``zeros`` or ``replicate``)."""
+
+    amounts: Amounts = ((0, 0), (0, 0), (0, 0))
+    time_fill: str = "zeros"
+    space_fill: str = "zeros"
+
+    def apply(self, x: torch.Tensor, amounts: Amounts | None = None) -> torch.Tensor:
+        """Pad ``x`` by ``amounts`` (default: all of it) with this padding's fills; space first,
+        then time, as the official code does (a replicated frame includes its padded border)."""
+        (tf, tb), (top, bottom), (left, right) = self.amounts if amounts is None else amounts
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom, 0, 0), mode=_F_PAD_MODE[self.space_fill])
+        if tf or tb:
+            x = F.pad(x, (0, 0, 0, 0, tf, tb), mode=_F_PAD_MODE[self.time_fill])
+        return x
 
 
-class CausalConv3d(nn.Conv3d):
-    """Encoder convolution: causal in time (first frame replicated in front), same size in space."""
+def _space_fill(cfg: CVVAEConfig) -> str:
+    return "zeros" if cfg.spatial_padding == "constant" else "replicate"
 
-    def __init__(self, cin: int, cout: int, kernel_size: int, cfg: CVVAEConfig):
-        super().__init__(cin, cout, kernel_size, padding=0)
-        self.space_mode = cfg.spatial_padding
+
+class GroupNormSiLU(nn.GroupNorm):
+    """A GroupNorm followed by SiLU (always paired in CV-VAE). Applied to 5-D tensors, so the
+    statistics pool over (C/groups, T, H, W): every frame of the clip influences every other
+    frame's normalisation, exactly as in the official models."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.kernel_size[-1] // 2
-        if p:
-            x = pad_video(x, (p, p, p, p), (2 * p, 0), self.space_mode)
-        return super().forward(x)
+        return F.silu(super().forward(x))
 
 
-def decoder_conv3d(cin: int, cout: int, kernel_size: int, cfg: CVVAEConfig) -> nn.Conv3d:
+def group_norm_silu(channels: int, cfg: CVVAEConfig) -> GroupNormSiLU:
+    return GroupNormSiLU(cfg.norm_groups, channels, eps=cfg.norm_eps, affine=True)
+
+
+class WindowConv3d(nn.Conv3d):
+    """A 3-D convolution that pads the clip by its :class:`ClipPadding`, then convolves without
+    padding. ``kernel3``/``stride3``/``conv_padded`` are what the streaming engine uses."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, padding: ClipPadding = ClipPadding(),
+                 stride: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__(cin, cout, kernel, stride=stride, padding=0)
+        self.clip_padding = padding
+
+    @property
+    def kernel3(self) -> tuple[int, int, int]:
+        return tuple(self.kernel_size)
+
+    @property
+    def stride3(self) -> tuple[int, int, int]:
+        return tuple(self.stride)
+
+    def conv_padded(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(x, self.weight, self.bias, self.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_padded(self.clip_padding.apply(x))
+
+
+def causal_conv3d(cin: int, cout: int, kernel: int, cfg: CVVAEConfig) -> WindowConv3d:
+    """Encoder convolution: causal in time (first frame replicated in front), same size in space."""
+    p = kernel // 2
+    return WindowConv3d(cin, cout, kernel, ClipPadding(((2 * p, 0), (p, p), (p, p)), "replicate", _space_fill(cfg)))
+
+
+def decoder_conv3d(cin: int, cout: int, kernel: int, cfg: CVVAEConfig) -> WindowConv3d:
     """Decoder convolution: symmetric padding in time and space (zeros for SD, replicate for SD3)."""
-    mode = "zeros" if cfg.spatial_padding == "constant" else "replicate"
-    return nn.Conv3d(cin, cout, kernel_size, padding=kernel_size // 2, padding_mode=mode)
+    p, fill = kernel // 2, _space_fill(cfg)
+    return WindowConv3d(cin, cout, kernel, ClipPadding(((p, p), (p, p), (p, p)), fill, fill))
+
+
+def downsample_conv3d(channels: int, time: bool, cfg: CVVAEConfig) -> WindowConv3d:
+    """Stride-2 3x3x3 convolution, halving H and W, and T too when ``time`` is set
+    (T -> floor((T - 1) / 2) + 1). Time is padded causally by two frames in front; SD pads
+    right/bottom only with zeros (as SD's image VAE does), SD3 replicates one pixel each side."""
+    space = ((0, 1), (0, 1)) if cfg.variant == "sd" else ((1, 1), (1, 1))
+    return WindowConv3d(channels, channels, 3, ClipPadding(((2, 0), *space), "replicate", _space_fill(cfg)),
+                        stride=(2 if time else 1, 2, 2))
 
 
 class FrameConv2d(nn.Conv2d):
-    """A 2-D 3x3 convolution applied to every frame. The weight keeps the official 2-D shape
-    ``[out, in, 3, 3]``; it runs as a ``1x3x3`` 3-D convolution, which avoids reshaping the video
-    into a batch of frames and back."""
+    """A 2-D 3x3 convolution applied to every frame, zero-padded. The weight keeps the official 2-D
+    shape ``[out, in, 3, 3]``; it runs as a ``1x3x3`` 3-D convolution, which avoids reshaping the
+    video into a batch of frames and back."""
+
+    clip_padding = ClipPadding(((0, 0), (1, 1), (1, 1)))
+    kernel3 = (1, 3, 3)
+    stride3 = (1, 1, 1)
 
     def __init__(self, cin: int, cout: int):
-        super().__init__(cin, cout, 3, padding=1)
+        super().__init__(cin, cout, 3, padding=0)
+
+    def conv_padded(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(x, self.weight.unsqueeze(2), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(x, self.weight.unsqueeze(2), self.bias, padding=(0, 1, 1))
+        return self.conv_padded(self.clip_padding.apply(x))
 
 
 class ResnetBlock(nn.Module):
-    """norm1 -> SiLU -> conv1 (3-D) -> norm2 -> SiLU -> conv2 (2-D per frame), plus a 1x1x1
-    projection of the input when the channel count changes."""
+    """norm1+SiLU -> conv1 (3-D) -> norm2+SiLU -> conv2 (2-D per frame), plus the input, through a
+    1x1x1 projection when the channel count changes."""
 
     def __init__(self, cin: int, cout: int, causal: bool, cfg: CVVAEConfig):
         super().__init__()
-        self.norm1 = group_norm(cin, cfg)
-        self.conv1 = CausalConv3d(cin, cout, 3, cfg) if causal else decoder_conv3d(cin, cout, 3, cfg)
-        self.norm2 = group_norm(cout, cfg)
+        self.norm1 = group_norm_silu(cin, cfg)
+        self.conv1 = (causal_conv3d if causal else decoder_conv3d)(cin, cout, 3, cfg)
+        self.norm2 = group_norm_silu(cout, cfg)
         self.conv2 = FrameConv2d(cout, cout)
-        self.nin_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
+        self.nin_shortcut = WindowConv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3x3 convolution, halving H and W, and T too when ``time`` is set
-    (T -> floor((T - 1) / 2) + 1). Time is padded causally by two frames in front."""
-
-    def __init__(self, channels: int, time: bool, cfg: CVVAEConfig):
-        super().__init__()
-        self.conv = nn.Conv3d(channels, channels, 3, stride=(2 if time else 1, 2, 2))
-        self.space_mode = cfg.spatial_padding
-        # SD pads right/bottom only with zeros (as SD's image VAE does); SD3 replicates 1 each side.
-        self.space_pad = (0, 1, 0, 1) if cfg.variant == "sd" else (1, 1, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(pad_video(x, self.space_pad, (2, 0), self.space_mode))
+        h = self.conv2(self.norm2(self.conv1(self.norm1(x))))
+        return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class Upsample(nn.Module):
-    """Nearest x2 in H and W, then a 3x3x3 convolution. When ``time`` is set the convolution
-    emits two frames per input frame (channel block 0 = the earlier frame) and the first output
-    frame is dropped, so T -> 2T - 1."""
+    """Nearest x2 in H and W, then a 3x3x3 convolution (time always replicate-padded). When ``time``
+    is set the convolution emits two frames per input frame (channel block 0 = the earlier frame)
+    and the first output frame is dropped, so T -> 2T - 1."""
 
     def __init__(self, channels: int, time: bool, cfg: CVVAEConfig):
         super().__init__()
         self.time_factor = 2 if time else 1
-        self.conv = nn.Conv3d(channels, channels * self.time_factor, 3)
-        self.space_mode = cfg.spatial_padding
+        self.conv = WindowConv3d(channels, channels * self.time_factor, 3,
+                                 ClipPadding(((1, 1), (1, 1), (1, 1)), "replicate", _space_fill(cfg)))
+
+    def unfold_time(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, 2C, T, H, W] convolution output -> [B, C, 2T, H, W] frames (nothing dropped)."""
+        if self.time_factor == 1:
+            return y
+        b, c2, t, h, w = y.shape
+        return y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        x = self.conv(pad_video(x, (1, 1, 1, 1), (1, 1), self.space_mode))
-        if self.time_factor == 1:
-            return x
-        b, c2, t, h, w = x.shape
-        x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
-        return x[:, :, 1:]
+        y = self.unfold_time(self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")))
+        return y[:, :, 1:] if self.time_factor == 2 else y
 
 
 def _linear_1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -137,7 +182,8 @@ class SpatialAttention(nn.Module):
     With ``temporal=True`` (SD decoder, the official ``MemoryEfficientAttnVideoBlock``) the
     projected spatial output is passed through LayerNorm and single-head attention *across time*
     at every position before the residual add: ``x + T(proj_out(S(x)))``; there is no residual
-    between the spatial and the temporal part.
+    between the spatial and the temporal part. ``S`` is frame-local and ``T`` position-local,
+    which is how the streaming engine splits the block.
     """
 
     # Frames per SDPA call: bounds the attention workspace on long clips.
@@ -145,7 +191,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, channels: int, cfg: CVVAEConfig, temporal: bool = False):
         super().__init__()
-        self.norm = group_norm(channels, cfg)
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps, affine=True)  # per frame
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -158,37 +204,36 @@ class SpatialAttention(nn.Module):
             self.proj_out_t = nn.Linear(channels, channels)
         self.temporal = temporal
 
-    def spatial(self, frames: torch.Tensor) -> torch.Tensor:
+    def _spatial_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] frames -> [N, H*W, C] attention output after proj_out."""
-        n, c, h, w = frames.shape
         tokens = self.norm(frames).flatten(2).transpose(1, 2)
         q, k, v = (_linear_1x1(tokens, m).unsqueeze(1) for m in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        return _linear_1x1(out, self.proj_out)
+        return _linear_1x1(F.scaled_dot_product_attention(q, k, v).squeeze(1), self.proj_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def spatial_part(self, x: torch.Tensor) -> torch.Tensor:
+        """``S(x)``: attention within each frame, [B, C, T, H, W] -> [B, C, T, H, W]."""
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-        out = torch.cat([self.spatial(chunk) for chunk in frames.split(self.frames_per_call)])
-        if self.temporal:
-            seq = out.view(b, t, h * w, c).transpose(1, 2).reshape(b * h * w, t, c)
-            seq = self.norm_t(seq)
-            q, k, v = (m(seq).unsqueeze(1) for m in (self.q_t, self.k_t, self.v_t))
-            seq = self.proj_out_t(F.scaled_dot_product_attention(q, k, v).squeeze(1))
-            out = seq.view(b, h * w, t, c).permute(0, 3, 2, 1)
-        else:
-            out = out.view(b, t, h * w, c).permute(0, 3, 1, 2)
-        return x + out.reshape(b, c, t, h, w)
+        out = torch.cat([self._spatial_tokens(chunk) for chunk in frames.split(self.frames_per_call)])
+        return out.view(b, t, h * w, c).permute(0, 3, 1, 2).reshape(b, c, t, h, w)
 
-
-class MidBlock(nn.Module):
-    """ResNet block, attention, ResNet block at the lowest resolution."""
-
-    def __init__(self, channels: int, causal: bool, cfg: CVVAEConfig, temporal: bool):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, causal, cfg)
-        self.attn_1 = SpatialAttention(channels, cfg, temporal)
-        self.block_2 = ResnetBlock(channels, channels, causal, cfg)
+    def temporal_part(self, s: torch.Tensor) -> torch.Tensor:
+        """``T(s)``: attention across time at each position, [B, C, T, H, W] -> [B, C, T, H, W]."""
+        b, c, t, h, w = s.shape
+        seq = self.norm_t(s.permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c))
+        q, k, v = (m(seq).unsqueeze(1) for m in (self.q_t, self.k_t, self.v_t))
+        seq = self.proj_out_t(F.scaled_dot_product_attention(q, k, v).squeeze(1))
+        return seq.view(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+        s = self.spatial_part(x)
+        return x + (self.temporal_part(s) if self.temporal else s)
+
+
+def mid_block(channels: int, causal: bool, cfg: CVVAEConfig, temporal: bool) -> nn.Module:
+    """ResNet block, attention, ResNet block at the lowest resolution (run in that order)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, causal, cfg)
+    mid.attn_1 = SpatialAttention(channels, cfg, temporal)
+    mid.block_2 = ResnetBlock(channels, channels, causal, cfg)
+    return mid

@@ -6,24 +6,33 @@ key for key; the SD3 variant's names are translated in :mod:`cvvae_core.checkpoi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import frames as frame_rules
 from . import tiling as tiling_engine
 from .config import CVVAEConfig
-from .layers import CausalConv3d, Downsample, MidBlock, ResnetBlock, Upsample, decoder_conv3d, group_norm
+from .layers import (ResnetBlock, Upsample, causal_conv3d, decoder_conv3d, downsample_conv3d, group_norm_silu,
+                     mid_block)
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
+def _mid_layers(mid: nn.Module):
+    yield "mid.block_1", mid.block_1
+    yield "mid.attn_1", mid.attn_1
+    yield "mid.block_2", mid.block_2
+
+
 class Encoder(nn.Module):
-    """Video [B, 3, 1+4k, H, W] -> posterior moments [B, 2*C, 1+k, H/8, W/8] (mean, logvar)."""
+    """Video [B, 3, 1+4k, H, W] -> posterior moments [B, 2*C, 1+k, H/8, W/8] (mean, logvar).
+
+    :meth:`layers` is the network: the order in which ``forward`` and the streaming engine
+    (:mod:`cvvae_core.streaming`) run the modules, named by their state-dict prefixes."""
 
     def __init__(self, cfg: CVVAEConfig):
         super().__init__()
         chans = cfg.level_channels
-        self.conv_in = CausalConv3d(cfg.in_channels, chans[0], 3, cfg)
+        self.conv_in = causal_conv3d(cfg.in_channels, chans[0], 3, cfg)
         self.down = nn.ModuleList()
         cin = chans[0]
         for level, ch in enumerate(chans):
@@ -31,33 +40,41 @@ class Encoder(nn.Module):
             stage.block = nn.ModuleList(
                 ResnetBlock(cin if j == 0 else ch, ch, causal=True, cfg=cfg) for j in range(cfg.blocks_per_level))
             if level != cfg.num_levels - 1:
-                stage.downsample = Downsample(ch, cfg.time_resampled(level), cfg)
+                stage.downsample = nn.Module()
+                stage.downsample.conv = downsample_conv3d(ch, cfg.time_resampled(level), cfg)
             self.down.append(stage)
             cin = ch
-        self.mid = MidBlock(cin, causal=True, cfg=cfg, temporal=False)
-        self.norm_out = group_norm(cin, cfg)
-        self.conv_out = CausalConv3d(cin, 2 * cfg.latent_channels, 3, cfg)
+        self.mid = mid_block(cin, causal=True, cfg=cfg, temporal=False)
+        self.norm_out = group_norm_silu(cin, cfg)
+        self.conv_out = causal_conv3d(cin, 2 * cfg.latent_channels, 3, cfg)
+
+    def layers(self):
+        """(name, module) in execution order: stem, down path by level, mid-block, head."""
+        yield "conv_in", self.conv_in
+        for level, stage in enumerate(self.down):
+            for j, block in enumerate(stage.block):
+                yield f"down.{level}.block.{j}", block
+            if hasattr(stage, "downsample"):
+                yield f"down.{level}.downsample.conv", stage.downsample.conv
+        yield from _mid_layers(self.mid)
+        yield "norm_out", self.norm_out
+        yield "conv_out", self.conv_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for stage in self.down:
-            for block in stage.block:
-                h = block(h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        for _, layer in self.layers():
+            x = layer(x)
+        return x
 
 
 class Decoder(nn.Module):
-    """Latent [B, C, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w] (unclamped)."""
+    """Latent [B, C, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w] (unclamped). See :meth:`layers`."""
 
     def __init__(self, cfg: CVVAEConfig):
         super().__init__()
         chans = cfg.level_channels
         cin = chans[-1]
         self.conv_in = decoder_conv3d(cfg.latent_channels, cin, 3, cfg)
-        self.mid = MidBlock(cin, causal=False, cfg=cfg, temporal=cfg.temporal_attention)
+        self.mid = mid_block(cin, causal=False, cfg=cfg, temporal=cfg.temporal_attention)
         stages = []
         for level in reversed(range(cfg.num_levels)):
             ch = chans[level]
@@ -71,17 +88,26 @@ class Decoder(nn.Module):
             cin = ch
         # Indexed by level (0 = full resolution) as in the official state dict; run from the top.
         self.up = nn.ModuleList(stages)
-        self.norm_out = group_norm(cin, cfg)
+        self.norm_out = group_norm_silu(cin, cfg)
         self.conv_out = decoder_conv3d(cin, cfg.in_channels, 3, cfg)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for stage in reversed(self.up):
-            for block in stage.block:
-                h = block(h)
+    def layers(self):
+        """(name, module) in execution order: stem, mid-block, up path from the lowest level, head."""
+        yield "conv_in", self.conv_in
+        yield from _mid_layers(self.mid)
+        for level in reversed(range(len(self.up))):
+            stage = self.up[level]
+            for j, block in enumerate(stage.block):
+                yield f"up.{level}.block.{j}", block
             if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                yield f"up.{level}.upsample", stage.upsample
+        yield "norm_out", self.norm_out
+        yield "conv_out", self.conv_out
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for _, layer in self.layers():
+            z = layer(z)
+        return z
 
 
 class CVVAE(nn.Module):
@@ -144,30 +170,41 @@ class CVVAE(nn.Module):
         frame_rules.check_video(video, self.config)
         return self.split_moments(self.encode_moments(video))
 
+    def _encode_moments(self, video: torch.Tensor, tiling) -> torch.Tensor:
+        return self.encode_moments(video) if tiling is None else tiling_engine.encode_moments(self, video, tiling)
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
-               frame_policy: str = "error", tiling=None):
-        """Encode a [B, 3, T, H, W] video in [-1, 1].
+               tiling=None) -> torch.Tensor:
+        """Encode a [B, 3, 1+4k, H, W] video in [-1, 1] (H, W multiples of 8; anything else raises
+        :class:`FrameCountError`: see :meth:`encode_framed`).
 
-        Returns the posterior mean ([B, C, 1+k, H/8, W/8]; a sample when ``sample=True``).
-        ``frame_policy`` handles T != 1+4k and H, W not multiples of 8: ``"error"`` (default)
-        raises :class:`FrameCountError`; ``"pad"`` replicates the last frame / edge pixels and
-        ``"trim"`` drops trailing frames / edge pixels. With ``pad`` or ``trim`` the result is a
-        :class:`~cvvae_core.frames.FramedLatent` that records what was changed; pass it to
-        :meth:`decode` to get the original frame count and size back (``pad``).
-        ``tiling`` (a :class:`~cvvae_core.tiling.TilingOptions`) runs the tiling/streaming engine
-        and returns the result on its ``output_device``; ``None`` runs the whole clip at once.
+        Returns the posterior mean [B, C, 1+k, H/8, W/8] (a sample when ``sample=True``).
+        ``tiling=None`` runs the whole clip at once: result in the model's dtype on its device.
+        A :class:`~cvvae_core.tiling.TilingOptions` runs the tiling/streaming engine: result in
+        float32 on ``tiling.output_device``.
         """
+        frame_rules.check_video(video, self.config)
+        mean, logvar = self.split_moments(self._encode_moments(video, tiling))
+        return mean if not sample else sample_posterior(mean, logvar, generator)
+
+    @torch.no_grad()
+    def encode_framed(self, video: torch.Tensor, frame_policy: str = "pad", sample: bool = False,
+                      generator: torch.Generator | None = None, tiling=None) -> frame_rules.FramedLatent:
+        """Encode a video of any frame count and size: ``frame_policy`` ``"pad"`` replicates the
+        last frame / edge pixels up to 1+4k frames and multiples of 8 (removed again by
+        :meth:`decode`), ``"trim"`` drops trailing frames / edge pixels, ``"error"`` raises.
+        Always returns a :class:`~cvvae_core.frames.FramedLatent` (latent + what was changed)."""
         video, adjust = frame_rules.conform(video, self.config, frame_policy)
-        moments = self.encode_moments(video) if tiling is None else tiling_engine.encode_moments(self, video, tiling)
-        mean, logvar = self.split_moments(moments)
+        mean, logvar = self.split_moments(self._encode_moments(video, tiling))
         latent = mean if not sample else sample_posterior(mean, logvar, generator)
-        return latent if frame_policy == "error" else frame_rules.FramedLatent(latent, adjust)
+        return frame_rules.FramedLatent(latent, adjust)
 
     @torch.no_grad()
     def decode(self, latent, tiling=None) -> torch.Tensor:
         """Decode a [B, C, 1+k, h, w] latent to video [B, 3, 1+4k, 8h, 8w] (unclamped, ~[-1, 1]).
-        A :class:`FramedLatent` from ``encode(..., frame_policy="pad")`` has its padding removed."""
+        A :class:`FramedLatent` from :meth:`encode_framed` has its padding removed. ``tiling`` as in
+        :meth:`encode`."""
         latent, adjust = frame_rules.unwrap(latent)
         frame_rules.check_latent(latent, self.config)
         video = self.decode_latent(latent) if tiling is None else tiling_engine.decode_latent(self, latent, tiling)

@@ -1,340 +1,496 @@
-"""Seamless streaming executor: the model's own layers, run frame chunk by frame chunk and tile by
-tile so that the result matches the whole-clip pass.
+"""Streaming executor: runs the encoder's or decoder's own layer list (``Encoder.layers()``,
+``Decoder.layers()``) over a clip piece by piece, time chunks x spatial tiles, and gives the
+whole-clip result to float rounding.
 
-Why the official tiles disagree with the untiled model: besides convolutions seeing a tile edge
-instead of the neighbouring pixels, every 5-D GroupNorm takes its statistics over the whole clip
-(C/groups x T x H x W), so a tile or chunk normalised on its own statistics is a different
-function. This executor removes both causes:
+Why pieces of a CV-VAE are not independent: convolutions see their neighbours in time and
+space, and every 5-D GroupNorm takes its statistics over the whole clip (C/groups x T x H x W).
+So the network is run *step by step*: a step is one layer (a convolution together with the
+GroupNorm + SiLU in front of it, an upsampler, an attention part) over its whole output, piece by
+piece, and each step's output is kept whole (a *store*) until the steps that read it are done.
 
-* **Convolutions.** Every 3-D convolution is a :class:`_TimeConv` that keeps, between chunks, the
-  input frames its next outputs still need (the causal encoder keeps its last ``2p`` frames;
-  the symmetric decoder convolutions answer one frame late and pad the end only at the last
-  chunk). Time is therefore exact at any chunk length, with no re-encoded overlap. In space,
-  a tile carries a halo that covers the receptive field of the tiled part of the network, and
-  only its core is kept.
-* **GroupNorm statistics.** :class:`StatsBook` sums the statistics of every norm over the
-  voxels each tile *owns* (core only, each frame once), so the sums cover the clip exactly once.
-  A first pass collects them while normalising each tile-chunk on its own statistics; a further
-  gathering pass (the default when frames are split into spatial tiles) normalises with the
-  previous pass's statistics, and the output pass normalises every tile with the last ones.
-  They are estimates (the gathering passes' activations are themselves normalised with
-  approximate statistics) that converge with the passes; see ``bench/`` for the measured effect.
-* **The low-resolution middle** (encoder mid-block + output head; decoder input conv + mid-block
-  with its whole-sequence temporal attention) runs on the whole latent sequence and whole frame
-  with the model's own modules: it is 1/8 of the resolution, its spatial attention is global
-  per frame and its temporal attention global per position, so it is exact and cheap.
+* A piece reads from the previous store exactly the region its receptive field needs (the halo),
+  so a convolution sees what it sees in the whole-clip pass; padding is added only where the
+  piece reaches the clip's edge, by the layer's own :class:`~cvvae_core.layers.ClipPadding`.
+  Nothing is recomputed and no state is carried between pieces.
+* A store that feeds a GroupNorm sums its statistics (count, mean, M2 per batch x group; float64,
+  Chan's merge) while it is written, so every norm normalises with the exact clip-wide statistics.
+* Attention is frame-local in space and position-local in time (see ``SpatialAttention``): its
+  spatial part runs on time chunks of whole frames, its temporal part on tiles of whole sequences.
 
-The model classes stay plain ``nn.Module``: this file only reads their weights and calls their
-frame-local sub-modules.
+Stores live on the compute device or in host memory (the plan decides: see :mod:`cvvae_core.tiling`),
+in the compute dtype; the working memory beyond them is bounded by the piece size. Adding a layer
+type means one handler here (``_BUILDERS``); a layer without one is refused when the program is
+built, never run wrongly.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CausalConv3d, Downsample, ResnetBlock, Upsample
+from .errors import UnsupportedLayerError
+from .layers import ClipPadding, FrameConv2d, GroupNormSiLU, ResnetBlock, SpatialAttention, Upsample, WindowConv3d
+
+Range = tuple[int, int]
+Box = tuple[Range, Range, Range]  # a piece: half-open frames, rows, columns
+Shape = tuple[int, int, int, int, int]  # B, C, T, H, W
 
 
 # --------------------------------------------------------------------------------------------
-# GroupNorm statistics
+# GroupNorm statistics and the fused GroupNorm + SiLU
 # --------------------------------------------------------------------------------------------
-class StatsBook:
-    """Clip-wide GroupNorm statistics, keyed by module name.
+class GroupMoments:
+    """Count, mean and M2 per (batch, group) of everything written into a store: per piece in
+    float32, merged in float64 with Chan's parallel formula, so order and piece sizes do not matter."""
 
-    ``collect`` merges per-tile (count, mean, M2) with Chan's parallel formula in float64, so the
-    order and size of tiles do not matter; ``freeze`` turns the sums into (mean, var) per
-    (batch, group) for the next pass.
-    """
+    def __init__(self, groups: int):
+        self.groups, self.n = groups, 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
 
-    def __init__(self):
-        self._acc: dict[str, list] = {}
-        self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    def add(self, y: torch.Tensor):
+        # Per channel first (a reduction over T, H, W works on any memory layout without a copy),
+        # then channels into groups: equal counts, so Chan's merge is a mean and a spread term.
+        b, c = y.shape[:2]
+        n = math.prod(y.shape[2:])
+        if y.dtype in (torch.float16, torch.bfloat16):
+            # float32 accumulation without a float32 copy of the piece
+            s = y.sum((2, 3, 4), dtype=torch.float32).double()
+            sq = torch.linalg.vector_norm(y, 2, dim=(2, 3, 4), dtype=torch.float32).double().square()
+            mean = s / n
+            m2 = (sq - s * mean).clamp_min(0)
+        else:
+            var, mean = torch.var_mean(y, dim=(2, 3, 4), unbiased=False)
+            mean, m2 = mean.double(), var.double() * n
+        mean, m2 = mean.view(b, self.groups, -1), m2.view(b, self.groups, -1)
+        group_mean = mean.mean(2)
+        spread = (mean - group_mean.unsqueeze(2)).square().sum(2) * n
+        self.merge(n * mean.shape[2], group_mean, m2.sum(2) + spread)
 
-    def collect(self, key: str, region: torch.Tensor):
-        """``region``: float32 [B, G, C/G, T, h, w] voxels owned by the current tile."""
-        n = region[0, 0].numel()
+    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor):
         if n == 0:
             return
-        var, mean = torch.var_mean(region.flatten(2), dim=2, unbiased=False)
-        mean, m2 = mean.double(), var.double() * n
-        if key not in self._acc:
-            self._acc[key] = [n, mean, m2]
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n, mean, m2
             return
-        na, ma, m2a = self._acc[key]
-        tot = na + n
-        delta = mean - ma
-        self._acc[key] = [tot, ma + delta * (n / tot), m2a + m2 + delta.square() * (na * n / tot)]
+        total = self.n + n
+        delta = mean.to(self.mean.device) - self.mean
+        self.m2 = self.m2 + m2.to(self.m2.device) + delta.square() * (self.n * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.n = total
 
-    def freeze(self):
-        self.frozen = {k: (m.float(), (m2 / n).float()) for k, (n, m, m2) in self._acc.items()}
-        self._acc = {}
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean.float(), (self.m2 / self.n).float()
 
 
-class _NormSiLU:
-    """A 5-D GroupNorm followed by SiLU (always paired in CV-VAE), computed in float32.
-
-    ``owned`` = (row0, row1, col0, col1) of the tile's core at this layer's resolution: only those
-    voxels feed the clip-wide statistics. Statistics come from ``book.frozen`` when set, else from
-    the tile's own core (tile-local)."""
-
-    def __init__(self, gn: nn.GroupNorm, key: str, owned: tuple[int, int, int, int], book: StatsBook | None,
-                 collect: bool):
-        self.gn, self.key, self.owned, self.book, self.collect = gn, key, owned, book, collect
-
-    def step(self, x, last):
-        if x is None:
-            return None
-        b, c, t, h, w = x.shape
-        g = self.gn.num_groups
-        xf = x.float().view(b, g, c // g, t, h, w)
-        r0, r1, c0, c1 = self.owned
-        core = xf[..., r0:r1, c0:c1]
-        if self.collect:
-            self.book.collect(self.key, core)
-        if self.book is not None and self.book.frozen is not None:
-            mean, var = self.book.frozen[self.key]
-            mean, var = mean.to(x.device), var.to(x.device)
-        else:
-            # The core only: the halo's outer part is corrupted by the tile-edge padding.
-            var, mean = torch.var_mean(core.flatten(2), dim=2, unbiased=False)
-        scale = torch.rsqrt(var + self.gn.eps)
-        y = (xf - mean.view(b, g, 1, 1, 1, 1)) * scale.view(b, g, 1, 1, 1, 1)
-        y = y.view(b, c, t, h, w) * self.gn.weight.float().view(c, 1, 1, 1) + self.gn.bias.float().view(c, 1, 1, 1)
-        return F.silu(y).to(x.dtype)
+def norm_silu(x: torch.Tensor, norm: GroupNormSiLU, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """GroupNorm with the given (clip-wide) statistics, then SiLU, as one multiply-add pass: the
+    arithmetic is float32, the result (and the only new tensor) in ``x``'s dtype."""
+    b, c = x.shape[:2]
+    per_group = c // norm.num_groups
+    scale = torch.rsqrt(var.to(x.device) + norm.eps).repeat_interleave(per_group, 1) * norm.weight.float()
+    shift = norm.bias.float() - mean.to(x.device).repeat_interleave(per_group, 1) * scale
+    y = torch.empty_like(x)  # x's memory layout
+    torch.addcmul(shift.view(b, c, 1, 1, 1), x, scale.view(b, c, 1, 1, 1), out=y)
+    return F.silu(y, inplace=True)
 
 
 # --------------------------------------------------------------------------------------------
-# Convolutions that stream over time
+# Steps
 # --------------------------------------------------------------------------------------------
-class _TimeConv:
-    """A 3-D convolution fed a few frames at a time.
-
-    Keeps the input frames (already padded in space) that later outputs still need, so any
-    split of the clip into chunks gives the whole-clip result. ``front``/``back`` frames of time
-    padding are added at the start of the stream and when ``last`` is set; ``time_zero`` pads
-    with zeros instead of repeating the edge frame."""
-
-    def __init__(self, conv: nn.Conv3d, front: int, back: int, time_zero: bool,
-                 space_pad: tuple[int, int, int, int], space_mode: str, stride: tuple[int, int, int]):
-        self.conv, self.front, self.back, self.time_zero = conv, front, back, time_zero
-        self.space_pad, self.space_mode, self.stride = space_pad, space_mode, stride
-        self.kt = conv.kernel_size[0]
-        self.buf: torch.Tensor | None = None
-        self.started = False
-
-    def _edge(self, frame: torch.Tensor, n: int) -> torch.Tensor:
-        return (torch.zeros_like(frame) if self.time_zero else frame).expand(-1, -1, n, -1, -1)
-
-    def step(self, x, last):
-        if x is not None:
-            if any(self.space_pad):
-                x = F.pad(x, (*self.space_pad, 0, 0), mode=self.space_mode)
-            if not self.started and self.front:
-                x = torch.cat([self._edge(x[:, :, :1], self.front), x], dim=2)
-            self.started = True
-            self.buf = x if self.buf is None else torch.cat([self.buf, x], dim=2)
-        if last and self.back and self.buf is not None:
-            self.buf = torch.cat([self.buf, self._edge(self.buf[:, :, -1:], self.back)], dim=2)
-        if self.buf is None or self.buf.shape[2] < self.kt:
-            return None
-        st = self.stride[0]
-        n = (self.buf.shape[2] - self.kt) // st + 1
-        out = F.conv3d(self.buf[:, :, :(n - 1) * st + self.kt], self.conv.weight, self.conv.bias, self.stride)
-        rest = self.buf[:, :, n * st:]
-        # clone: a view would keep the whole chunk's storage alive until the next call
-        self.buf = rest.clone() if rest.shape[2] else None
-        return out
+def _window(out: Range, kernel: int, stride: int, before: int, size: int) -> tuple[Range, Range]:
+    """Input range an output range reads through a (kernel, stride, padding-before) window, clipped
+    to [0, size), and the padding still needed at each end (non-zero only at the clip's edges)."""
+    a = out[0] * stride - before
+    z = (out[1] - 1) * stride - before + kernel
+    return (max(a, 0), min(z, size)), (max(0, -a), max(0, z - size))
 
 
-def _encoder_conv(conv: CausalConv3d) -> _TimeConv:
-    p = conv.kernel_size[-1] // 2
-    return _TimeConv(conv, 2 * p, 0, False, (p, p, p, p), _pad_mode(conv.space_mode), (1, 1, 1))
+@dataclass
+class Step:
+    """One layer over its whole output. ``src``/``out`` (and ``residual``) are store slots;
+    ``norm`` is the GroupNorm + SiLU applied to ``src`` first; ``split`` says which axes of the
+    output (T, H, W) pieces may divide."""
+
+    name: str
+    src: int
+    out: int = -1
+    norm: GroupNormSiLU | None = None
+    residual: int | None = None
+    split: tuple[bool, bool, bool] = (True, True, True)
+
+    def out_shape(self, src: Shape) -> Shape:
+        raise NotImplementedError
+
+    def run(self, read: Callable, box: Box) -> torch.Tensor:
+        raise NotImplementedError
+
+    def macs_per_voxel(self, src: Shape) -> int:
+        """Multiply-adds per output voxel (the progress bar's weights)."""
+        raise NotImplementedError
+
+    def region_voxels(self, piece: tuple[int, int, int]) -> int:
+        """Input voxels one piece of this size reads (with its halo)."""
+        return math.prod(piece)
+
+    def scores(self, src: Shape, piece: tuple[int, int, int]) -> int:
+        """Attention score elements one piece holds at once."""
+        return 0
 
 
-def _decoder_conv(conv: nn.Conv3d) -> _TimeConv:
-    p = conv.padding[0]
-    zero = conv.padding_mode == "zeros"
-    return _TimeConv(conv, p, p, zero, (p, p, p, p), "constant" if zero else "replicate", (1, 1, 1))
+@dataclass
+class ConvStep(Step):
+    """A convolution (``WindowConv3d``, ``FrameConv2d``), with ``norm`` in front and an optional
+    residual added (through ``shortcut`` when channels change): a ResNet block's second half."""
+
+    conv: nn.Module = None
+    shortcut: nn.Module | None = None
+
+    def out_shape(self, src):
+        (b, _, *sizes), pad = src, self.conv.clip_padding
+        return (b, self.conv.out_channels, *[(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in
+                                              zip(sizes, pad.amounts, self.conv.kernel3, self.conv.stride3)])
+
+    def run(self, read, box):
+        pad: ClipPadding = self.conv.clip_padding
+        src_sizes = read.shape(self.src)[2:]
+        region, amounts = zip(*(_window(o, k, s, lo, n) for o, k, s, (lo, _), n in
+                                zip(box, self.conv.kernel3, self.conv.stride3, pad.amounts, src_sizes)))
+        y = self.conv.conv_padded(pad.apply(read(self.src, region, self.norm), amounts))
+        if self.residual is not None:
+            r = read(self.residual, box, None)
+            y += r if self.shortcut is None else self.shortcut(r)
+        return y
+
+    def region_voxels(self, piece):
+        return math.prod((p - 1) * s + k for p, k, s in zip(piece, self.conv.kernel3, self.conv.stride3))
+
+    def macs_per_voxel(self, src):
+        shortcut = 0 if self.shortcut is None else self.shortcut.in_channels
+        return self.conv.out_channels * (self.conv.in_channels * math.prod(self.conv.kernel3) + shortcut)
 
 
-def _pad_mode(space_mode: str) -> str:
-    return "replicate" if space_mode == "replicate" else "constant"
+@dataclass
+class UpsampleStep(Step):
+    """Nearest x2 in space, the 3x3x3 convolution, time doubled by channel blocks (first frame dropped)."""
+
+    up: Upsample = None
+
+    def out_shape(self, src):
+        b, c, t, h, w = src
+        return (b, c, 2 * t - 1 if self.up.time_factor == 2 else t, 2 * h, 2 * w)
+
+    def run(self, read, box):
+        conv, pad = self.up.conv, self.up.conv.clip_padding
+        t_in, h_in, w_in = read.shape(self.src)[2:]
+        (t0, t1), rows, cols = box
+        # Output frame f is frame f + 1 of the doubled sequence, i.e. block (f + 1) % 2 of
+        # convolution frame (f + 1) // 2.
+        conv_frames = ((t0 + 1) // 2, t1 // 2 + 1) if self.up.time_factor == 2 else (t0, t1)
+        frames, t_pad = _window(conv_frames, 3, 1, 1, t_in)
+        src_box, crops, space_pad = [frames], [], []
+        for (o0, o1), n in zip((rows, cols), (h_in, w_in)):
+            # the convolution reads upsampled positions [o0 - 1, o1 + 1), i.e. source pixels:
+            s0, s1 = max((o0 - 1) // 2, 0), min(o1 // 2 + 1, n)
+            lo, hi = (o0 - 1) - 2 * s0, (o1 + 1) - 2 * s1  # offsets into the upsampled source
+            src_box.append((s0, s1))
+            crops.append((max(lo, 0), 2 * (s1 - s0) + min(hi, 0)))
+            space_pad.append((max(-lo, 0), max(hi, 0)))
+        x = F.interpolate(read(self.src, tuple(src_box), None), scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+        x = x[:, :, :, crops[0][0]:crops[0][1], crops[1][0]:crops[1][1]]
+        y = self.up.unfold_time(conv.conv_padded(pad.apply(x, (t_pad, *space_pad))))
+        if self.up.time_factor == 2:
+            first = t0 + 1 - 2 * conv_frames[0]
+            y = y[:, :, first:first + t1 - t0]
+        return y
+
+    def region_voxels(self, piece):
+        t, h, w = piece
+        return (t // self.up.time_factor + 3) * (h + 2) * (w + 2)  # upsampled, as the convolution reads it
+
+    def macs_per_voxel(self, src):
+        c = self.up.conv.in_channels  # the convolution's 2C outputs of a frame become two output frames
+        return c * c * 27
 
 
-class _Pointwise:
-    """A frame-local module (2-D per-frame conv, 1x1x1 shortcut)."""
+@dataclass
+class AttentionSpatialStep(Step):
+    """``S(x)`` of a ``SpatialAttention`` on time chunks of whole frames (plus ``x`` when the
+    block has no temporal part)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    attn: SpatialAttention = None
 
-    def step(self, x, last):
-        return None if x is None else self.fn(x)
+    def out_shape(self, src):
+        return src
 
+    def run(self, read, box):
+        x = read(self.src, box, None)
+        s = self.attn.spatial_part(x)
+        return s if self.attn.temporal else s.add_(x)
 
-class _Upsample:
-    """Nearest x2 in space, streamed 3x3x3 conv, time x2 by channel blocks, first frame dropped."""
+    def scores(self, src, piece):
+        return min(piece[0], self.attn.frames_per_call) * (src[3] * src[4]) ** 2
 
-    def __init__(self, up: Upsample):
-        self.time_factor = up.time_factor
-        self.conv = _TimeConv(up.conv, 1, 1, False, (1, 1, 1, 1), _pad_mode(up.space_mode), (1, 1, 1))
-        self.dropped = False
-
-    def step(self, x, last):
-        if x is not None:
-            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        x = self.conv.step(x, last)
-        if x is None or self.time_factor == 1:
-            return x
-        b, c2, t, h, w = x.shape
-        x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
-        if not self.dropped:
-            self.dropped = True
-            x = x[:, :, 1:]
-        return x if x.shape[2] else None
+    def macs_per_voxel(self, src):
+        _, c, _, h, w = src
+        return 4 * c * c + 2 * h * w * c  # q, k, v, proj_out; scores and weighted sum over the frame
 
 
-class _Residual:
-    """ResnetBlock: the main branch may answer frames later than it is fed (symmetric convs),
-    so the skip path waits in a queue until the matching frames come out."""
+@dataclass
+class AttentionTemporalStep(Step):
+    """``x + T(S(x))`` on spatial tiles of whole sequences: ``src`` holds S(x), ``residual`` x."""
 
-    def __init__(self, main: list, shortcut):
-        self.main, self.shortcut = main, shortcut
-        self.queue: torch.Tensor | None = None
+    attn: SpatialAttention = None
 
-    def step(self, x, last):
-        h = _run(self.main, x, last)
-        if x is not None:
-            s = x if self.shortcut is None else self.shortcut(x)
-            self.queue = s if self.queue is None else torch.cat([self.queue, s], dim=2)
-        if h is None:
-            return None
-        n = h.shape[2]
-        out = self.queue[:, :, :n] + h
-        rest = self.queue[:, :, n:]
-        self.queue = rest.clone() if rest.shape[2] else None
-        return out
+    def out_shape(self, src):
+        return src
 
+    def run(self, read, box):
+        return self.attn.temporal_part(read(self.src, box, None)).add_(read(self.residual, box, None))
 
-def _run(ops, x, last):
-    for op in ops:
-        x = op.step(x, last)
-    return x
+    def scores(self, src, piece):
+        return piece[1] * piece[2] * src[2] ** 2
+
+    def macs_per_voxel(self, src):
+        _, c, t, _, _ = src
+        return 4 * c * c + 2 * t * c
 
 
 # --------------------------------------------------------------------------------------------
-# Spatial tiles
+# From a layer list to a program of steps
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tile:
-    """One spatial tile, in the input's units (pixels to encode, latent pixels to decode):
-    the core [r0, r1) x [c0, c1) that the tile owns and writes, read with a halo around it
-    (clipped at the frame edge) as [hr0, hr1) x [hc0, hc1)."""
+class Program:
+    """The steps of one pass of ``layers`` (``Encoder.layers()`` or ``Decoder.layers()``) over an
+    input of shape ``input_shape``; slot 0 is the input, the last step's output the result."""
 
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-    hr0: int
-    hr1: int
-    hc0: int
-    hc1: int
+    def __init__(self, layers, input_shape: Shape):
+        self.steps: list[Step] = []
+        self.shapes: dict[int, Shape] = {0: tuple(input_shape)}
+        self.current = 0
+        self._pending_norm: tuple[str, GroupNormSiLU] | None = None
+        for name, layer in layers:
+            builder = _BUILDERS.get(type(layer))
+            if builder is None:
+                raise UnsupportedLayerError(
+                    f"layer {name!r} ({type(layer).__name__}) has no handler in the streaming engine: add one to "
+                    "cvvae_core.streaming._BUILDERS, or run untiled (tiling=None)")
+            if self._pending_norm is not None and builder is not _build_conv:
+                raise UnsupportedLayerError(f"{self._pending_norm[0]!r} (GroupNorm + SiLU) must be followed by a "
+                                            f"convolution, got {name!r} ({type(layer).__name__})")
+            builder(self, name, layer)
+        if self._pending_norm is not None:
+            raise UnsupportedLayerError(f"{self._pending_norm[0]!r} (GroupNorm + SiLU) ends the network")
+        # Which stores feed a GroupNorm (their writers sum statistics), and when a store is last read.
+        self.norm_of = {s.src: s.norm for s in self.steps if s.norm is not None}
+        self.last_read: dict[int, int] = {}
+        for i, s in enumerate(self.steps):
+            for slot in (s.src, s.residual):
+                if slot is not None:
+                    self.last_read[slot] = i
 
-    def owned(self, scale_num: int, scale_den: int) -> tuple[int, int, int, int]:
-        """The core in the tile's own feature coordinates at a resolution of num/den input units."""
-        f = lambda v: v * scale_num // scale_den  # noqa: E731
-        return (f(self.r0 - self.hr0), f(self.r1 - self.hr0), f(self.c0 - self.hc0), f(self.c1 - self.hc0))
+    @property
+    def output_shape(self) -> Shape:
+        return self.shapes[self.steps[-1].out]
+
+    def add(self, step: Step) -> int:
+        step.out = len(self.shapes)
+        self.shapes[step.out] = step.out_shape(self.shapes[step.src])
+        self.steps.append(step)
+        self.current = step.out
+        return step.out
+
+    def take_norm(self) -> GroupNormSiLU | None:
+        norm, self._pending_norm = (self._pending_norm or (None, None))[1], None
+        return norm
 
 
-def split_axis(size: int, core: int, align: int) -> list[tuple[int, int]]:
-    """Cores of at most ``core`` (a multiple of ``align``) covering [0, size), nearly equal."""
-    core = max(align, core // align * align)
-    n = math.ceil(size / core)
-    units = size // align
-    bounds = [round(units * i / n) * align for i in range(n + 1)]
-    bounds[-1] = size
+def _check_conv(name: str, layer: nn.Module):
+    if type(layer) not in (WindowConv3d, FrameConv2d):
+        raise UnsupportedLayerError(f"{name!r} ({type(layer).__name__}) is not a convolution the streaming "
+                                    "engine knows (WindowConv3d, FrameConv2d)")
+
+
+def _build_conv(prog: Program, name: str, conv: nn.Module):
+    _check_conv(name, conv)
+    prog.add(ConvStep(name, prog.current, norm=prog.take_norm(), conv=conv))
+
+
+def _build_norm(prog: Program, name: str, norm: GroupNormSiLU):
+    prog._pending_norm = (name, norm)  # fused into the next step, which must be a convolution
+
+
+def _build_resnet(prog: Program, name: str, block: ResnetBlock):
+    for part in ("conv1", "conv2"):
+        _check_conv(f"{name}.{part}", getattr(block, part))
+    x = prog.current
+    h = prog.add(ConvStep(f"{name}.conv1", x, norm=block.norm1, conv=block.conv1))
+    prog.add(ConvStep(f"{name}.conv2", h, norm=block.norm2, conv=block.conv2, residual=x, shortcut=block.nin_shortcut))
+
+
+def _build_upsample(prog: Program, name: str, up: Upsample):
+    prog.add(UpsampleStep(name, prog.current, up=up))
+
+
+def _build_attention(prog: Program, name: str, attn: SpatialAttention):
+    x = prog.current
+    prog.add(AttentionSpatialStep(f"{name}.spatial", x, attn=attn, split=(True, False, False)))
+    if attn.temporal:
+        prog.add(AttentionTemporalStep(f"{name}.temporal", prog.current, attn=attn, residual=x,
+                                       split=(False, True, True)))
+
+
+_BUILDERS: dict[type, Callable] = {
+    WindowConv3d: _build_conv,
+    FrameConv2d: _build_conv,
+    GroupNormSiLU: _build_norm,
+    ResnetBlock: _build_resnet,
+    Upsample: _build_upsample,
+    SpatialAttention: _build_attention,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------
+def split_range(size: int, piece: int) -> list[Range]:
+    """[0, size) in nearly equal parts of at most ``piece``."""
+    n = math.ceil(size / max(1, piece))
+    bounds = [round(size * i / n) for i in range(n + 1)]
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def make_tiles(height: int, width: int, core: int, halo: int, align: int) -> list[Tile]:
-    rows, cols = split_axis(height, core, align), split_axis(width, core, align)
-    return [Tile(r0, r1, c0, c1, max(0, r0 - halo), min(height, r1 + halo), max(0, c0 - halo), min(width, c1 + halo))
-            for r0, r1 in rows for c0, c1 in cols]
+def pieces(shape: Shape, piece: tuple[int, int, int]) -> list[Box]:
+    """Boxes covering a store of ``shape`` once; time-major, so stores fill in frame order."""
+    t, h, w = (split_range(n, p) for n, p in zip(shape[2:], piece))
+    return [(a, b, c) for a in t for b in h for c in w]
 
 
-def encoder_halo(cfg) -> int:
-    """Input pixels around a tile that cover the receptive field of the encoder's down path
-    (conv_in, ResNet blocks, downsamplers; the mid-block runs on whole frames), rounded up to
-    the total stride so tiles stay aligned with every downsampler."""
-    r = 1  # conv_in
-    for level in range(cfg.num_levels):
-        s = 2 ** level
-        r += 2 * cfg.blocks_per_level * s
-        if level != cfg.num_levels - 1:
-            r += 2 * s  # stride-2 3x3 conv: reaches up to 2 input pixels past its output
-    a = cfg.spatial_compression
-    return -(-r // a) * a
-
-
-def decoder_halo(cfg) -> int:
-    """Latent pixels around a tile that cover the receptive field of the decoder's up path
-    (after the mid-block, which runs on whole frames)."""
-    r = 0.0
-    for i, level in enumerate(reversed(range(cfg.num_levels))):
-        u = 2 ** i
-        r += 2 * (cfg.blocks_per_level + 1) / u
-        if level != 0:
-            r += 1 / (2 * u)  # the upsampler's 3x3 conv at twice this resolution
-    r += 1 / cfg.spatial_compression  # conv_out
-    return math.ceil(r)
+def _slices(box: Box) -> tuple:
+    return (slice(None), slice(None), *(slice(a, z) for a, z in box))
 
 
 # --------------------------------------------------------------------------------------------
-# The tiled parts of encoder and decoder, as streams
+# Memory model (used by cvvae_core.tiling's estimate)
 # --------------------------------------------------------------------------------------------
-def _resnet(block: ResnetBlock, name: str, owned, book, collect, causal: bool) -> _Residual:
-    conv1 = _encoder_conv(block.conv1) if causal else _decoder_conv(block.conv1)
-    main = [_NormSiLU(block.norm1, f"{name}.norm1", owned, book, collect), conv1,
-            _NormSiLU(block.norm2, f"{name}.norm2", owned, book, collect), _Pointwise(block.conv2)]
-    return _Residual(main, block.nin_shortcut)
+def work_bytes(step: Step, src: Shape, out: Shape, piece: tuple[int, int, int], elem: int) -> int:
+    """Temporaries of one piece: the input region (read, normalised, padded: up to three copies),
+    the output piece and the residual next to it, and attention scores."""
+    batch = out[0]
+    return elem * batch * (3 * src[1] * step.region_voxels(piece) + 2 * out[1] * math.prod(piece)
+                           + step.scores(src, piece))
 
 
-def encoder_stream(encoder, tile: Tile, book: StatsBook | None, collect: bool) -> list:
-    """conv_in and the down path of ``encoder`` for one tile; outputs features at 1/8 resolution."""
-    ops = [_encoder_conv(encoder.conv_in)]
-    scale = 1
-    for level, stage in enumerate(encoder.down):
-        owned = tile.owned(1, scale)
-        for j, block in enumerate(stage.block):
-            ops.append(_resnet(block, f"encoder.down.{level}.block.{j}", owned, book, collect, causal=True))
-        if hasattr(stage, "downsample"):
-            ds: Downsample = stage.downsample
-            ops.append(_TimeConv(ds.conv, 2, 0, False, ds.space_pad, _pad_mode(ds.space_mode), ds.conv.stride))
-            scale *= 2
-    return ops
+def peak_store_bytes(prog: Program, elem: int) -> int:
+    """Most bytes of layer outputs kept at once (the input and the final output not counted)."""
+    live: dict[int, int] = {}
+    peak = 0
+    for i, step in enumerate(prog.steps[:-1]):
+        live[step.out] = elem * math.prod(prog.shapes[step.out])
+        peak = max(peak, sum(live.values()))
+        for slot, last in prog.last_read.items():
+            if last == i:
+                live.pop(slot, None)
+    return peak
 
 
-def decoder_stream(decoder, tile: Tile, book: StatsBook | None, collect: bool, output: bool = True) -> list:
-    """The up path, norm_out and conv_out of ``decoder`` for one tile (input: mid-block output).
-    ``output=False`` stops after norm_out: a statistics pass needs no pixels."""
-    ops = []
-    scale = 1
-    for level in reversed(range(len(decoder.up))):
-        stage = decoder.up[level]
-        owned = tile.owned(scale, 1)
-        for j, block in enumerate(stage.block):
-            ops.append(_resnet(block, f"decoder.up.{level}.block.{j}", owned, book, collect, causal=False))
-        if hasattr(stage, "upsample"):
-            ops.append(_Upsample(stage.upsample))
-            scale *= 2
-    ops.append(_NormSiLU(decoder.norm_out, "decoder.norm_out", tile.owned(scale, 1), book, collect))
-    if output:
-        ops.append(_decoder_conv(decoder.conv_out))
-    return ops
+# --------------------------------------------------------------------------------------------
+# Running a program
+# --------------------------------------------------------------------------------------------
+class _StorePool:
+    """Freed stores, kept for the next store of the same shape: a long clip allocates (and page-faults
+    in) each store size once instead of once per layer."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, pin: bool, memory_format: torch.memory_format):
+        self.device, self.dtype, self.pin, self.memory_format, self.free = device, dtype, pin, memory_format, []
+
+    def take(self, shape: Shape) -> torch.Tensor:
+        for i, t in enumerate(self.free):
+            if tuple(t.shape) == tuple(shape):
+                return self.free.pop(i)
+        self.free.clear()  # a new size: the network has moved on to another resolution
+        t = torch.empty(shape, device=self.device, dtype=self.dtype, pin_memory=self.pin)
+        return t if self.memory_format == torch.contiguous_format else t.to(memory_format=self.memory_format)
+
+    def give(self, t: torch.Tensor):
+        self.free.append(t)
 
 
-def run_stream(ops: list, x, last: bool):
-    return _run(ops, x, last)
+class _Reader:
+    """``read(slot, box, norm)``: a region of a store on the compute device in the compute dtype,
+    normalised (+ SiLU) with the store's clip-wide statistics when ``norm`` is given."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.stores: dict[int, torch.Tensor] = {}
+        self.moments: dict[int, GroupMoments] = {}
+        self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def shape(self, slot: int):
+        return self.stores[slot].shape
+
+    def __call__(self, slot: int, box: Box, norm: GroupNormSiLU | None) -> torch.Tensor:
+        x = self.stores[slot][_slices(box)].to(self.device, self.dtype, non_blocking=True)
+        if norm is None:
+            return x
+        if slot not in self._stats:
+            self._stats[slot] = tuple(t.to(self.device) for t in self.moments[slot].mean_var())
+        return norm_silu(x, norm, *self._stats[slot])
+
+    def drop(self, slot: int) -> torch.Tensor:
+        self.moments.pop(slot, None)
+        self._stats.pop(slot, None)
+        return self.stores.pop(slot)
+
+
+def run_program(prog: Program, x: torch.Tensor, output: torch.Tensor, *, device: torch.device,
+                dtype: torch.dtype, store_device: torch.device, piece_of: Callable[[Step, Shape], tuple],
+                check: Callable[[], None], done: Callable[[Step, Box], None], group=None,
+                memory_format: torch.memory_format = torch.contiguous_format):
+    """Run ``prog`` on ``x`` (slot 0, any device), writing the result into ``output``.
+
+    ``piece_of(step, out_shape)`` gives the piece size (T, H, W) of a step; ``check()`` is called
+    before each piece (cancellation) and ``done(step, box)`` after it (progress; other ranks'
+    pieces count too). Stores are kept in ``memory_format`` (pieces inherit it: ``channels_last_3d``
+    speeds up CPU convolutions). With a :class:`~cvvae_core.distributed.TileGroup`
+    each rank runs the pieces ``k % world == rank`` of every step, and the stores (zero elsewhere)
+    and statistics are summed across ranks after each step."""
+    pin = store_device.type == "cpu" and device.type == "cuda"
+    pool = _StorePool(store_device, dtype, pin, memory_format)
+    read = _Reader(device, dtype)
+    read.stores[0] = x
+    for i, step in enumerate(prog.steps):
+        shape = prog.shapes[step.out]
+        dest = output if i == len(prog.steps) - 1 else pool.take(shape)
+        if group is not None:
+            dest.zero_()
+        norm = prog.norm_of.get(step.out)
+        moments = GroupMoments(norm.num_groups) if norm is not None else None
+
+        def run_step():
+            for k, box in enumerate(pieces(shape, piece_of(step, shape))):
+                check()
+                if group is None or group.mine(k):
+                    y = step.run(read, box)
+                    if moments is not None:
+                        moments.add(y)
+                    dest[_slices(box)].copy_(y, non_blocking=True)
+                done(step, box)
+
+        if group is None:
+            run_step()
+        else:
+            group.run(run_step)
+            group.all_sum(dest)
+            if moments is not None:
+                group.merge_moments(moments)
+        read.stores[step.out] = dest
+        if moments is not None:
+            read.moments[step.out] = moments
+        for slot, last in prog.last_read.items():
+            if last == i and slot != 0:
+                pool.give(read.drop(slot))
+    return output

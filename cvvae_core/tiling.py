@@ -1,4 +1,4 @@
-"""Tiling/streaming engine: encode and decode clips of any length and size in bounded device memory.
+"""Tiling/streaming engine: encode and decode clips of any length and size in bounded working memory.
 
 Contract used by the model API, the command line and the ComfyUI nodes:
 
@@ -7,26 +7,27 @@ Contract used by the model API, the command line and the ComfyUI nodes:
     moments = encode_moments(model, video, opts)    # video [B,3,1+4k,H,W] in [-1,1], any device
     video = decode_latent(model, latent, opts)      # latent [B,C,1+k,h,w]
 
-Results come back in float32 on ``opts.output_device`` (CPU by default), written chunk by chunk
-(pinned memory and non-blocking copies when computing on CUDA): the whole video never sits on the
-device. Modes:
+Results come back in float32 on ``opts.output_device`` (CPU by default), written piece by piece
+(pinned memory and non-blocking copies when computing on CUDA). Untiled means ``tiling=None`` in
+``CVVAE.encode``/``decode``: the whole clip at once, in the model's dtype on its device. Modes:
 
-* ``seamless`` (default): as close to the whole-clip model as the math allows; see
-  :mod:`cvvae_core.streaming` for how. Exactly the whole-clip pass when the clip fits one tile
-  and one chunk.
+* ``seamless`` (default): exact. The model's own layer list runs step by step over pieces (time
+  chunks x spatial tiles) with exact clip-wide GroupNorm statistics (see
+  :mod:`cvvae_core.streaming`): equal to the untiled model to float rounding at any piece size.
+  When one piece covers the whole clip it *is* the untiled pass.
 * ``official``: the official code's own tiled algorithm (tile size 576 px, overlap ratio 0.2222,
   linear blend in raster order, 16-frame chunks with one shared frame and a hard cut), to match
   published outputs. ``tile_size``/``chunk_frames``/``overlap`` default to the release values.
-* ``none``: the whole clip at once on the device (no bound on memory).
 
-Sizes are chosen from free device memory unless given. On CUDA out-of-memory the engine frees
-what it holds and retries with shorter chunks, then smaller tiles, down to a floor; then raises
+Sizes come from :func:`plan_for` (given sizes win), which uses the one memory estimate of this
+module, :func:`estimate_memory`; the ComfyUI nodes ask ComfyUI for room with the same estimate
+(:func:`memory_request`). On out-of-memory the engine frees what it holds and retries with the
+next smaller plan (:func:`_with_smaller_plans`), down to a floor; then raises
 :class:`~cvvae_core.errors.OutOfMemoryError` saying what to lower.
 
 Progress is reported as ``progress(done, PROGRESS_UNITS)``: the share, in thousandths, of the
-run's estimated compute done so far (see :class:`_Progress`), so the bar moves at a steady pace
-whether a step is a short last chunk, a statistics pass or the output pass. ``cancel()`` is
-checked before every step.
+run's multiply-adds done so far, so the bar moves at a steady pace across layers of different
+cost. ``cancel()`` is checked before every piece.
 """
 from __future__ import annotations
 
@@ -37,30 +38,31 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import streaming as st
 from .distributed import TileGroup
 from .errors import CancelledError, InputError, OutOfMemoryError
 
-MODES = ("seamless", "official", "none")
+MODES = ("seamless", "official")
 
 #: Official release tiling parameters (``CVVAEModel`` constructor defaults).
 OFFICIAL_TILE = 576
 OFFICIAL_OVERLAP = 0.2222
 OFFICIAL_CHUNK = 16
 
-#: Smallest sizes the out-of-memory fallback goes down to.
-MIN_CHUNK_FRAMES = 4
+#: Working memory of one piece on CPU. Measured (bench/bench_tiling.py): pieces this small keep
+#: every temporary under glibc's mmap threshold, so freed memory is reused instead of returned
+#: to the kernel and faulted in again, and they stay cache-friendly; larger ones spend a large
+#: share of the CPU time in page faults.
+CPU_PIECE_BYTES = 24 << 20
+#: Automatic pieces keep at least this many frames while tiles can still shrink.
+PREFERRED_MIN_FRAMES = 4
+#: Floors of the out-of-memory fallback.
+MIN_PIECE_BYTES = 4 << 20
+MIN_CHUNK_FRAMES = 1
 MIN_TILE = 64
-
-#: Estimated peak device bytes per (frame x pixel) of a chunk, per channel of the first level
-#: and byte of the compute dtype, plus float32 norm temporaries. Set from the decoder's widest
-#: full-resolution stage (upsampler output, skip queue, norm in float32, conv output); the
-#: out-of-memory fallback corrects an estimate that proves too small.
-_BYTES_PER_VOXEL_CHANNEL = 24
-_NORM_FP32_BYTES = 16
+#: Share of free device memory a plan may use (the rest: allocator slack, other tensors).
+FREE_MEMORY_SHARE = 0.7
 
 #: ``progress(done, total)`` always gets this total: ``done`` is thousandths of the estimated work.
 PROGRESS_UNITS = 1000
@@ -69,48 +71,295 @@ PROGRESS_UNITS = 1000
 @dataclass
 class TilingOptions:
     mode: str = "seamless"
-    tile_size: int | None = None      # pixels (core of a seamless tile; the official tile); None = automatic
+    tile_size: int | None = None      # pixels (seamless: piece width/height; official: its tile); None = automatic
     chunk_frames: int | None = None   # video frames per time chunk; None = automatic
     progress: Callable[[int, int], None] | None = None
     cancel: Callable[[], bool] | None = None
     output_device: torch.device | str = "cpu"
     overlap: float = OFFICIAL_OVERLAP  # official mode: tile overlap ratio
-    # seamless: passes that gather clip-wide GroupNorm statistics (0 = tile-local); None = 1 when
-    # frames are whole, 2 when they are split into spatial tiles (each pass normalises with the
-    # previous pass's statistics, so the gathered ones converge; measured on a real clip at 144x256,
-    # 64 px tiles: decode 32.1 -> 43.2 dB against untiled)
-    stats_passes: int | None = None
     memory_budget: int | None = None  # bytes the engine may use on the device; None = from free memory
-    # seamless: share the clip's tiles among the ranks of the initialised torch.distributed group
+    # seamless: share each step's pieces among the ranks of the initialised torch.distributed group
     # (see cvvae_core.distributed); every rank gets the whole result. No effect in one process.
     distributed: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise InputError(f"TilingOptions.mode must be one of {MODES}, got {self.mode!r}")
-        if self.stats_passes is not None and self.stats_passes < 0:
-            raise InputError(f"stats_passes must be >= 0, got {self.stats_passes}")
+            raise InputError(f"TilingOptions.mode must be one of {MODES}, got {self.mode!r} "
+                             "(untiled: pass tiling=None)")
         if self.tile_size is not None and (self.tile_size < 8 or self.tile_size % 8):
             raise InputError(f"tile_size must be a positive multiple of 8 pixels, got {self.tile_size}")
         if self.chunk_frames is not None and self.chunk_frames < 1:
             raise InputError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
 
 
+# ------------------------------------------------------------------------------------------
+# The two directions
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Direction:
+    """What differs between encoding and decoding, in one place."""
+
+    name: str                         # "encode" / "decode"
+    part: str                         # the model attribute that runs it: "encoder" / "decoder"
+    units: str                        # what the input's H, W count: "pixels" / "latent pixels"
+
+    def network(self, model):
+        return getattr(model, self.part)
+
+    def video_size(self, model, shape) -> tuple[int, int, int]:
+        """(frames, height, width) of the video side of the pass: the plan's units."""
+        cfg, (_, _, t, h, w) = model.config, shape
+        if self.name == "encode":
+            return t, h, w
+        return cfg.video_frames(t), h * cfg.spatial_compression, w * cfg.spatial_compression
+
+    def untiled(self, model, x: torch.Tensor) -> torch.Tensor:
+        return model.encode_moments(x) if self.name == "encode" else model.decode_latent(x)
+
+    def official(self, model, x: torch.Tensor, opts: "TilingOptions") -> torch.Tensor:
+        return (_official_encode if self.name == "encode" else _official_decode)(model, x, opts)
+
+
+ENCODE = Direction("encode", "encoder", "pixels")
+DECODE = Direction("decode", "decoder", "latent pixels")
+
+
+# ------------------------------------------------------------------------------------------
+# Public entry points
+# ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_moments(model, video: torch.Tensor, opts: TilingOptions | None = None) -> torch.Tensor:
+    """Encoder output [B, 2C, 1+k, H/8, W/8] (mean, logvar) of a validated video, float32 on
+    ``opts.output_device``."""
+    return _run(model, video, opts or TilingOptions(), ENCODE)
+
+
+@torch.no_grad()
+def decode_latent(model, latent: torch.Tensor, opts: TilingOptions | None = None) -> torch.Tensor:
+    """Decoder output [B, 3, 1+4k, 8h, 8w] (unclamped) of a latent, float32 on ``opts.output_device``."""
+    return _run(model, latent, opts or TilingOptions(), DECODE)
+
+
+# ------------------------------------------------------------------------------------------
+# Plans and the memory estimate
+# ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of one run: ``tile`` = core size in pixels (>= the frame: no spatial tiling),
-    ``chunk`` = video frames per chunk."""
+    """Piece sizes of one seamless run. ``tile`` (pixels) and ``chunk`` (video frames) are scaled to
+    each layer's resolution; ``piece_bytes`` then caps each piece's working memory; all None =
+    one piece per layer (the untiled pass). ``stores_on_device``: where layer outputs are kept."""
 
-    tile: int
-    chunk: int
+    tile: int | None = None
+    chunk: int | None = None
+    piece_bytes: int | None = None
+    stores_on_device: bool = True
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak device bytes of a plan: the layer outputs kept whole (``stores``, when on the device),
+    one piece's temporaries (``work``), and input/output held on the device."""
+
+    stores: int
+    work: int
+    io: int
+
+    @property
+    def total(self) -> int:
+        return self.stores + self.work + self.io
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def piece_shape(step: st.Step, shape, plan: Plan, video: tuple[int, int, int], elem: int,
+                src_shape) -> tuple[int, int, int]:
+    """Piece size (T, H, W) of ``step`` (output ``shape``) under ``plan``."""
+    size = list(shape[2:])
+    piece = [n if v is None else min(n, max(1, math.ceil(v * n / ref)))
+             for n, v, ref in zip(size, (plan.chunk, plan.tile, plan.tile), video)]
+    piece = [p if can else n for p, n, can in zip(piece, size, step.split)]
+    if plan.piece_bytes is not None:
+        def fits():
+            return st.work_bytes(step, src_shape, shape, piece, elem) <= plan.piece_bytes
+
+        # Smaller tiles first: convolutions lose efficiency on short chunks (a 1-frame output
+        # runs at half the speed per voxel of 4 frames on CPU); then shorter chunks, then tiles again.
+        for min_side, min_frames in ((64, PREFERRED_MIN_FRAMES), (64, 1), (8, 1)):
+            while not fits():
+                side = max((i for i in (1, 2) if step.split[i] and piece[i] > min_side), key=lambda i: piece[i],
+                           default=None)
+                if side is not None:
+                    piece[side] = (piece[side] + 1) // 2
+                elif step.split[0] and piece[0] > min_frames:
+                    piece[0] = max(min_frames, (piece[0] + 1) // 2)
+                else:
+                    break
+    return tuple(piece)
+
+
+def _plan_pieces(prog: st.Program, plan: Plan, video, elem: int):
+    return {id(s): piece_shape(s, prog.shapes[s.out], plan, video, elem, prog.shapes[s.src]) for s in prog.steps}
+
+
+def estimate_memory(model, direction: Direction, shape, plan: Plan, output_device="cpu",
+                    device: torch.device | None = None, dtype: torch.dtype | None = None) -> MemoryEstimate:
+    """Peak memory on ``device`` (default: the model's) of running ``plan`` (see :class:`MemoryEstimate`);
+    the one estimate behind the planner and the ComfyUI nodes' requests. The untiled pass is ``Plan()``."""
+    device, dtype = torch.device(device or model.device), dtype or model.dtype
+    elem = _elem(dtype)
+    prog = st.Program(direction.network(model).layers(), shape)
+    video = direction.video_size(model, shape)
+    sizes = _plan_pieces(prog, plan, video, elem)
+    work = max(st.work_bytes(s, prog.shapes[s.src], prog.shapes[s.out], sizes[id(s)], elem) for s in prog.steps)
+    stores = st.peak_store_bytes(prog, elem) if plan.stores_on_device else 0
+    io = 4 * math.prod(prog.output_shape) if torch.device(output_device) == device else 0
+    return MemoryEstimate(stores, work, io)
+
+
+def whole_plan(plan: Plan) -> bool:
+    return plan.tile is None and plan.chunk is None and plan.piece_bytes is None
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def plan_for(model, direction: Direction, shape, opts: TilingOptions, budget: int | None = None,
+             device: torch.device | None = None) -> Plan:
+    """The plan a seamless run takes on ``device`` (default: the model's): given sizes win; on CPU,
+    pieces of ``CPU_PIECE_BYTES`` with layer outputs in RAM; on CUDA the whole clip at once when it
+    fits ``budget`` (default: 70% of free memory), else layer outputs on the device when they fit
+    next to a minimal piece (else in pinned host memory) and pieces as large as the rest allows."""
+    device = torch.device(device or model.device)
+    budget = budget or opts.memory_budget or int(_free_bytes(device) * FREE_MEMORY_SHARE)
+
+    def estimate(plan: Plan) -> MemoryEstimate:
+        return estimate_memory(model, direction, shape, plan, opts.output_device, device)
+
+    if opts.tile_size or opts.chunk_frames:
+        plan = Plan(opts.tile_size, opts.chunk_frames)
+        return plan if estimate(plan).total <= budget else replace(plan, stores_on_device=False)
+    if device.type != "cuda":
+        return Plan(piece_bytes=CPU_PIECE_BYTES)
+    if estimate(Plan()).total <= budget:
+        return Plan()
+    smallest = Plan(piece_bytes=MIN_PIECE_BYTES)
+    fixed = estimate(replace(smallest, stores_on_device=estimate(smallest).total <= budget))
+    return Plan(piece_bytes=max(MIN_PIECE_BYTES, budget - fixed.stores - fixed.io),
+                stores_on_device=fixed.stores > 0)
+
+
+def memory_request(model, direction: Direction, shape, opts: TilingOptions | None,
+                   device: torch.device | None = None) -> int:
+    """Bytes a host application (ComfyUI) should free on ``device`` before a pass: the estimate of
+    the plan the engine would take there with the whole device to itself (``opts=None``: untiled)."""
+    device = torch.device(device or model.device)
+    if opts is None:
+        plan = Plan()
+    elif opts.mode == "official":
+        # the whole network on one official tile at a time
+        plan, (b, c, t, h, w) = Plan(), shape
+        scale = 1 if direction is ENCODE else model.config.spatial_compression
+        chunk = (opts.chunk_frames or OFFICIAL_CHUNK) // (1 if direction is ENCODE else model.config.time_compression)
+        tile = (opts.tile_size or OFFICIAL_TILE) // scale
+        shape = (b, c, min(t, chunk + 1), min(h, tile), min(w, tile))
+    else:
+        whole_device = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                        else _free_bytes(device))
+        plan = plan_for(model, direction, shape, opts, int(whole_device * FREE_MEMORY_SHARE), device)
+    output_device = "cpu" if opts is None else opts.output_device
+    return estimate_memory(model, direction, shape, plan, output_device, device).total
+
+
+def smaller_plan(plan: Plan, video: tuple[int, int, int]) -> Plan | None:
+    """The next plan the out-of-memory fallback tries; None at the floor."""
+    if whole_plan(plan):
+        return Plan(chunk=max(MIN_CHUNK_FRAMES, video[0] // 2))
+    if plan.piece_bytes is not None and plan.piece_bytes > MIN_PIECE_BYTES:
+        return replace(plan, piece_bytes=max(MIN_PIECE_BYTES, plan.piece_bytes // 2))
+    if plan.piece_bytes is None:
+        chunk = plan.chunk or video[0]
+        if chunk > MIN_CHUNK_FRAMES:
+            return replace(plan, chunk=max(MIN_CHUNK_FRAMES, chunk // 2))
+        tile = min(plan.tile or max(video[1:]), max(video[1:]))
+        if tile > MIN_TILE:
+            return replace(plan, tile=max(MIN_TILE, tile // 2 // 8 * 8))
+    if plan.stores_on_device:
+        return replace(plan, stores_on_device=False)
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Running, and the out-of-memory fallback
+# ------------------------------------------------------------------------------------------
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _free(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _with_smaller_plans(model, run: Callable, plan, smaller: Callable, give_up: Callable[[object], str]):
+    """``run(plan)``; on out-of-memory free what the attempt held and retry with ``smaller(plan)``
+    until it returns None, then raise OutOfMemoryError with ``give_up(plan)``."""
+    while True:
+        try:
+            return run(plan)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            _free(model.device)
+            nxt = smaller(plan)
+            if nxt is None:
+                raise OutOfMemoryError(give_up(plan)) from err
+            plan = nxt
+
+
+def _run(model, x: torch.Tensor, opts: TilingOptions, direction: Direction) -> torch.Tensor:
+    _check_input(x, direction)
+    if opts.mode == "official":
+        return _with_smaller_plans(
+            model, lambda _: direction.official(model, x, opts), None, lambda _: None,
+            lambda _: f"out of device memory in official mode ({direction.name}, tile {opts.tile_size or OFFICIAL_TILE}"
+                      f" px, {opts.chunk_frames or OFFICIAL_CHUNK}-frame chunks). Official mode keeps the release "
+                      "tile sizes so that results match published outputs: lower tile_size/chunk_frames (results "
+                      "then differ from the release), use mode='seamless', or free device memory (other models, "
+                      "fp16 weights).")
+    video = direction.video_size(model, x.shape)
+    group = TileGroup.of(opts.distributed)
+    plan = plan_for(model, direction, x.shape, opts)
+    if group is not None:
+        plan = group.broadcast_object(plan)  # every rank must take the same plan: rank 0's
+    return _with_smaller_plans(
+        model, lambda p: _seamless(model, x, opts, direction, p, group), plan,
+        lambda p: smaller_plan(p, video),
+        lambda p: f"out of device memory ({direction.name}) even with the smallest pieces this engine tries "
+                  f"({p}). Lower the resolution or the batch size, load the model in float16/bfloat16, or free "
+                  "device memory used by other models.")
+
+
+def _check_input(x: torch.Tensor, direction: Direction):
+    if x.dim() != 5:
+        raise InputError(f"the tiling engine takes 5-D [B, C, T, H, W] tensors, got shape {list(x.shape)}")
+    if direction is ENCODE and (x.shape[3] % 8 or x.shape[4] % 8):
+        raise InputError(f"height and width must be multiples of 8, got {x.shape[3]}x{x.shape[4]}; "
+                         "use CVVAE.encode_framed with frame_policy='pad' or 'trim'")
 
 
 class _Progress:
-    """Cancellation checks and progress in proportion to work.
-
-    ``total_cost`` is the run's estimated cost and each ``step(cost)`` adds that step's share, in
-    the same (integer) unit, so ``done`` grows with the work done, not with the number of steps.
-    """
+    """Cancellation checks and progress in proportion to work: ``step(cost)`` adds that piece's
+    multiply-adds to ``done``, reported in thousandths of ``total_cost``."""
 
     def __init__(self, opts: TilingOptions, total_cost: int):
         self.opts, self.total, self.spent = opts, max(1, total_cost), 0
@@ -126,179 +375,6 @@ class _Progress:
             self.opts.progress(min(PROGRESS_UNITS, self.spent * PROGRESS_UNITS // self.total), PROGRESS_UNITS)
 
 
-# ------------------------------------------------------------------------------------------
-# Cost estimates for the progress bar
-# ------------------------------------------------------------------------------------------
-# Counted, not timed: a weightless copy of the model (meta device) runs the same code on shapes
-# only, and torch's FlopCounterMode adds up the multiply-adds of its convolutions, matrix
-# products and attention. Norms and element-wise ops are not counted; they scale with the same
-# voxels as the convolutions around them. Counting takes time (about 0.8 s for a 17-frame
-# 576x1024 encode), so without a progress callback every step simply costs 1.
-def _flops(counting: bool, fn, *args) -> int:
-    if not counting:
-        return 1
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn(*args)
-    return counter.get_total_flops()
-
-
-def _meta(shape) -> torch.Tensor:
-    return torch.empty(shape, device="meta")
-
-
-def _weightless_twin(model):
-    """The model's architecture on the meta device: shapes, no storage, no compute."""
-    with torch.device("meta"):
-        return type(model)(model.config)
-
-
-def _stream_costs(counting: bool, make_stream, tiles: list, chunks: list, channels: int,
-                  batch: int) -> list[list[int]]:
-    """``costs[k][ci]``: flops of tile ``k``'s stream when fed time chunk ``ci`` (a stream answers
-    some frames one chunk late, which this counts exactly). Tiles of the same size cost the same."""
-    if not counting:
-        return [[1] * len(chunks) for _ in tiles]
-    by_size: dict[tuple[int, int], list[int]] = {}
-    costs = []
-    for tile in tiles:
-        size = (tile.hr1 - tile.hr0, tile.hc1 - tile.hc0)
-        if size not in by_size:
-            stream = make_stream(tile)
-            by_size[size] = [_flops(True, st.run_stream, stream, _meta((batch, channels, z - a, *size)),
-                                    ci == len(chunks) - 1) for ci, (a, z) in enumerate(chunks)]
-        costs.append(by_size[size])
-    return costs
-
-
-# ------------------------------------------------------------------------------------------
-# Public entry points
-# ------------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_moments(model, video: torch.Tensor, opts: TilingOptions | None = None) -> torch.Tensor:
-    """Encoder output [B, 2C, 1+k, H/8, W/8] (mean, logvar) of a validated video, float32 on
-    ``opts.output_device``."""
-    opts = opts or TilingOptions()
-    return _with_fallback(model, opts, video, "encode")
-
-
-@torch.no_grad()
-def decode_latent(model, latent: torch.Tensor, opts: TilingOptions | None = None) -> torch.Tensor:
-    """Decoder output [B, 3, 1+4k, 8h, 8w] (unclamped) of a latent, float32 on ``opts.output_device``."""
-    opts = opts or TilingOptions()
-    return _with_fallback(model, opts, latent, "decode")
-
-
-# ------------------------------------------------------------------------------------------
-# Sizing and the out-of-memory fallback
-# ------------------------------------------------------------------------------------------
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
-def voxel_bytes(model) -> int:
-    """Estimated peak device bytes per frame x pixel of a chunk (see ``_BYTES_PER_VOXEL_CHANNEL``)."""
-    cfg = model.config
-    elem = torch.finfo(model.dtype).bits // 8
-    return cfg.base_channels * (_BYTES_PER_VOXEL_CHANNEL * elem + _NORM_FP32_BYTES)
-
-
-def auto_plan(model, opts: TilingOptions, frames: int, height: int, width: int) -> Plan:
-    """Largest chunk (then tile) whose estimated footprint fits the budget; given sizes win."""
-    budget = opts.memory_budget or int(_free_bytes(model.device) * 0.7)
-    per = voxel_bytes(model)
-    full = max(height, width)
-    tile = opts.tile_size or full
-    if opts.chunk_frames:
-        return Plan(tile, opts.chunk_frames)
-    fits = lambda t, c: (min(t + 2 * 80, height) * min(t + 2 * 80, width) * (c + 2) * per) <= budget  # noqa: E731
-    chunk = frames
-    while chunk > MIN_CHUNK_FRAMES and not fits(tile, chunk):
-        chunk = max(MIN_CHUNK_FRAMES, chunk // 2)
-    while opts.tile_size is None and tile > MIN_TILE * 2 and not fits(tile, chunk):
-        tile = max(MIN_TILE, tile // 2 // 8 * 8)
-    return Plan(tile, chunk)
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _smaller(plan: Plan, frame_size: int) -> Plan | None:
-    """The next plan the fallback tries: halve the chunk, then the tile; None at the floor."""
-    if plan.chunk > MIN_CHUNK_FRAMES:
-        return replace(plan, chunk=max(MIN_CHUNK_FRAMES, plan.chunk // 2))
-    tile = min(plan.tile, frame_size)
-    if tile > MIN_TILE:
-        return replace(plan, tile=max(MIN_TILE, tile // 2 // 8 * 8))
-    return None
-
-
-def _with_fallback(model, opts: TilingOptions, x: torch.Tensor, what: str) -> torch.Tensor:
-    _check_input(model, x, what)
-    if opts.mode == "none":
-        return _untiled(model, opts, x, what)
-    if opts.mode == "official":
-        try:
-            return (_official_encode if what == "encode" else _official_decode)(model, x, opts)
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _is_oom(err):
-                raise
-            _free(model.device)
-            raise OutOfMemoryError(
-                f"out of device memory in official mode ({what}, tile {opts.tile_size or OFFICIAL_TILE} px, "
-                f"{opts.chunk_frames or OFFICIAL_CHUNK}-frame chunks). Official mode keeps the release tile sizes "
-                "so that results match published outputs: lower tile_size/chunk_frames (results then differ from "
-                "the release), use mode='seamless', or free device memory (other models, fp16 weights).") from err
-    scale = 1 if what == "encode" else model.config.spatial_compression
-    t = x.shape[2] if what == "encode" else model.config.video_frames(x.shape[2])
-    h, w = x.shape[3] * scale, x.shape[4] * scale
-    plan = auto_plan(model, opts, t, h, w)
-    group = TileGroup.of(opts.distributed)
-    if group is not None:
-        # Every rank must take the same plan (free memory differs between ranks): rank 0's.
-        sizes = torch.tensor([plan.tile, plan.chunk], device=group._device())
-        group.dist.broadcast(sizes, 0)
-        plan = Plan(int(sizes[0]), int(sizes[1]))
-    while True:
-        try:
-            return (_seamless_encode if what == "encode" else _seamless_decode)(model, x, opts, plan, group)
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _is_oom(err):
-                raise
-            _free(model.device)
-            nxt = _smaller(plan, max(h, w))
-            if nxt is None:
-                raise OutOfMemoryError(
-                    f"out of device memory ({what}) even with {plan.chunk}-frame chunks and {min(plan.tile, h, w)} px "
-                    f"tiles, the smallest this engine tries. Lower the resolution or the batch size, load the model "
-                    "in float16/bfloat16, or free device memory used by other models.") from err
-            plan = nxt
-
-
-def _free(device: torch.device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _check_input(model, x: torch.Tensor, what: str):
-    if x.dim() != 5:
-        raise InputError(f"the tiling engine takes 5-D [B, C, T, H, W] tensors, got shape {list(x.shape)}")
-    if what == "encode" and (x.shape[3] % 8 or x.shape[4] % 8):
-        raise InputError(f"height and width must be multiples of 8, got {x.shape[3]}x{x.shape[4]}; "
-                         "use frame_policy='pad' or 'trim' in CVVAE.encode")
-
-
-# ------------------------------------------------------------------------------------------
-# Output streaming
-# ------------------------------------------------------------------------------------------
 def _output_buffer(shape, opts: TilingOptions, compute: torch.device) -> torch.Tensor:
     out_dev = torch.device(opts.output_device)
     pin = out_dev.type == "cpu" and compute.type == "cuda"
@@ -311,205 +387,36 @@ def _finish(out: torch.Tensor, compute: torch.device) -> torch.Tensor:
     return out
 
 
-def _untiled(model, opts: TilingOptions, x: torch.Tensor, what: str) -> torch.Tensor:
-    prog = _Progress(opts, 1)  # one step: all the work
-    prog.check()
-    y = model.encode_moments(x) if what == "encode" else model.decode_latent(x)
-    out = _output_buffer(y.shape, opts, model.device)
-    out.copy_(y, non_blocking=True)
-    prog.step(1)
-    return _finish(out, model.device)
+def _seamless(model, x: torch.Tensor, opts: TilingOptions, direction: Direction, plan: Plan,
+              group: TileGroup | None) -> torch.Tensor:
+    device, dtype = model.device, model.dtype
+    prog = st.Program(direction.network(model).layers(), x.shape)
+    out = _output_buffer(prog.output_shape, opts, device)
+    sizes = _plan_pieces(prog, plan, direction.video_size(model, x.shape), _elem(dtype))
+    if all(sizes[id(s)] == tuple(prog.shapes[s.out][2:]) for s in prog.steps):
+        # One piece per layer: the untiled pass itself (every rank runs it; nothing to share).
+        prog_bar = _Progress(opts, 1)
+        prog_bar.check()
+        if group is None:
+            out.copy_(direction.untiled(model, x), non_blocking=True)
+        else:
+            group.run(lambda: out.copy_(direction.untiled(model, x)))
+            group.check()
+        prog_bar.step(1)
+        return _finish(out, device)
+    batch = x.shape[0]
 
+    def cost(step, box):
+        return batch * math.prod(b - a for a, b in box) * step.macs_per_voxel(prog.shapes[step.src])
 
-# ------------------------------------------------------------------------------------------
-# Seamless mode
-# ------------------------------------------------------------------------------------------
-def _chunks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(a, min(n, a + size)) for a in range(0, n, size)]
-
-
-def _stats_passes(opts: TilingOptions, tiles: list) -> int:
-    if opts.stats_passes is not None:
-        return opts.stats_passes
-    return 1 if len(tiles) == 1 else 2
-
-
-def _encoder_head(encoder, feats: torch.Tensor) -> torch.Tensor:
-    """The low-resolution end of the encoder (mid-block, norm, conv_out), run on the whole clip."""
-    return encoder.conv_out(F.silu(encoder.norm_out(encoder.mid(feats))))
-
-
-def _decoder_middle(decoder, latent: torch.Tensor) -> torch.Tensor:
-    """The low-resolution start of the decoder (conv_in, mid-block), run on the whole clip."""
-    return decoder.mid(decoder.conv_in(latent))
-
-
-def _guarded_untiled(model, opts: TilingOptions, x: torch.Tensor, what: str, group: TileGroup | None):
-    """The whole-clip pass; with a group every rank runs it (nothing to share) and a failure stops all."""
-    if group is None:
-        return _untiled(model, opts, x, what)
-    out = group.run(_untiled, model, opts, x, what)
-    group.check()
-    return out
-
-
-def _seamless_encode(model, video: torch.Tensor, opts: TilingOptions, plan: Plan,
-                     group: TileGroup | None = None) -> torch.Tensor:
-    enc, cfg, dev, dtype = model.encoder, model.config, model.device, model.dtype
-    b, _, t, h, w = video.shape
-    s = cfg.spatial_compression
-    tiles = st.make_tiles(h, w, plan.tile, st.encoder_halo(cfg), s)
-    chunks = _chunks(t, plan.chunk)
-    if len(tiles) == 1 and len(chunks) == 1:
-        return _guarded_untiled(model, opts, video, "encode", group)
-    mine = (lambda k: True) if group is None else group.mine  # noqa: E731
-    passes = _stats_passes(opts, tiles)
-    feats_shape = (b, cfg.level_channels[-1], cfg.latent_frames(t), h // s, w // s)
-    # Every pass runs the same down path (gathering passes skip only the head), then the head once.
-    counting = opts.progress is not None
-    twin = _weightless_twin(model) if counting else None
-    costs = _stream_costs(counting, lambda tile: st.encoder_stream(twin.encoder, tile, None, False),
-                          tiles, chunks, video.shape[1], b)
-    head_cost = _flops(counting, _encoder_head, twin and twin.encoder, _meta(feats_shape))
-    prog = _Progress(opts, (1 + passes) * sum(map(sum, costs)) + head_cost)
-    book = st.StatsBook()
-
-    def down_path(collect: bool, feats: torch.Tensor | None):
-        streams = [st.encoder_stream(enc, tile, book, collect) if mine(k) else None for k, tile in enumerate(tiles)]
-        written = [0] * len(tiles)
-        for ci, (a, z) in enumerate(chunks):
-            last = ci == len(chunks) - 1
-            for k, tile in enumerate(tiles):
-                prog.check()
-                if not mine(k):  # another rank's tile: progress counts the whole clip's work
-                    prog.step(costs[k][ci])
-                    continue
-                x = video[:, :, a:z, tile.hr0:tile.hr1, tile.hc0:tile.hc1].to(dev, dtype, non_blocking=True)
-                y = st.run_stream(streams[k], x, last)
-                if y is not None and feats is not None:
-                    r0, r1, c0, c1 = tile.owned(1, s)
-                    n = y.shape[2]
-                    feats[:, :, written[k]:written[k] + n, tile.r0 // s:tile.r1 // s, tile.c0 // s:tile.c1 // s] = \
-                        y[:, :, :, r0:r1, c0:c1]
-                    written[k] += n
-                prog.step(costs[k][ci])
-        return written
-
-    def head(feats: torch.Tensor) -> torch.Tensor:
-        prog.check()
-        # The low-resolution head runs whole: its norms, causal convs and per-frame attention are exact.
-        moments = _encoder_head(enc, feats)
-        out = _output_buffer(moments.shape, opts, dev)
-        out.copy_(moments, non_blocking=True)
-        prog.step(head_cost)
-        return _finish(out, dev)
-
-    if group is None:
-        for _ in range(passes):
-            down_path(True, None)
-            book.freeze()
-        feats = torch.empty(feats_shape, device=dev, dtype=dtype)
-        written = down_path(False, feats)
-        assert all(n == feats.shape[2] for n in written), (written, feats.shape)
-        return head(feats)
-    # Across ranks: each runs its tiles; statistics merged after every gathering pass; the feature
-    # buffers (zeros outside a rank's tiles) summed; then every rank runs the head on the whole.
-    for _ in range(passes):
-        group.run(down_path, True, None)
-        group.merge_stats(book)
-        book.freeze()
-    feats = torch.zeros(feats_shape, device=dev, dtype=dtype)
-    written = group.run(down_path, False, feats)
-    if group.error is None and not all(n == feats.shape[2] for k, n in enumerate(written) if mine(k)):
-        group.error = AssertionError(f"latent frames written per tile {written}, expected {feats.shape[2]}")
-    group.all_sum(feats)
-    out = group.run(head, feats)
-    group.check()
-    return out
-
-
-def _seamless_decode(model, latent: torch.Tensor, opts: TilingOptions, plan: Plan,
-                     group: TileGroup | None = None) -> torch.Tensor:
-    dec, cfg, dev, dtype = model.decoder, model.config, model.device, model.dtype
-    b, _, n_lat, lh, lw = latent.shape
-    s, tc = cfg.spatial_compression, cfg.time_compression
-    tiles = st.make_tiles(lh, lw, max(1, plan.tile // s), st.decoder_halo(cfg), 1)
-    chunks = _chunks(n_lat, max(1, plan.chunk // tc))
-    if len(tiles) == 1 and len(chunks) == 1:
-        return _guarded_untiled(model, opts, latent, "decode", group)
-    mine = (lambda k: True) if group is None else group.mine  # noqa: E731
-    passes = _stats_passes(opts, tiles)
-    # The middle runs once; gathering passes stop before conv_out (they only need norm_out's
-    # statistics), so they cost a little less than the output pass.
-    counting = opts.progress is not None
-    twin = _weightless_twin(model) if counting else None
-    middle_cost = _flops(counting, _decoder_middle, twin and twin.decoder, _meta(latent.shape))
-    stream_costs = {output: _stream_costs(counting,
-                                          lambda tile: st.decoder_stream(twin.decoder, tile, None, False, output),
-                                          tiles, chunks, cfg.level_channels[-1], b)
-                    for output in (False, True)}
-    total = middle_cost + passes * sum(map(sum, stream_costs[False])) + sum(map(sum, stream_costs[True]))
-    prog = _Progress(opts, total)
-
-    def middle() -> torch.Tensor:
-        prog.check()
-        # Input conv and mid-block (temporal attention over the whole sequence) at 1/8 resolution: whole.
-        mid = _decoder_middle(dec, latent.to(dev, dtype))
-        prog.step(middle_cost)
-        return mid
-
-    if group is None:
-        mid = middle()
-    else:
-        mid = group.run(middle)
-        group.check()
-    book = st.StatsBook()
-    out = _output_buffer((b, cfg.in_channels, cfg.video_frames(n_lat), lh * s, lw * s), opts, dev)
-    if group is not None:
-        out.zero_()  # summed across ranks: zeros outside this rank's tiles
-
-    def up_path(collect: bool, write: bool):
-        streams = [st.decoder_stream(dec, tile, book, collect, output=write) if mine(k) else None
-                   for k, tile in enumerate(tiles)]
-        costs = stream_costs[write]
-        written = [0] * len(tiles)
-        for ci, (a, z) in enumerate(chunks):
-            last = ci == len(chunks) - 1
-            for k, tile in enumerate(tiles):
-                prog.check()
-                if not mine(k):  # another rank's tile: progress counts the whole clip's work
-                    prog.step(costs[k][ci])
-                    continue
-                y = st.run_stream(streams[k], mid[:, :, a:z, tile.hr0:tile.hr1, tile.hc0:tile.hc1], last)
-                if y is not None and write:
-                    r0, r1, c0, c1 = tile.owned(s, 1)
-                    n = y.shape[2]
-                    out[:, :, written[k]:written[k] + n, tile.r0 * s:tile.r1 * s, tile.c0 * s:tile.c1 * s].copy_(
-                        y[:, :, :, r0:r1, c0:c1], non_blocking=True)
-                    written[k] += n
-                prog.step(costs[k][ci])
-        return written
-
-    if group is None:
-        for _ in range(passes):
-            up_path(True, False)
-            book.freeze()
-        written = up_path(False, True)
-        assert all(n == out.shape[2] for n in written), (written, out.shape)
-        return _finish(out, dev)
-    # Across ranks: each runs its tiles; statistics merged after every gathering pass; the output
-    # buffers (zeros outside a rank's tiles) summed, so every rank ends with the whole video.
-    for _ in range(passes):
-        group.run(up_path, True, False)
-        group.merge_stats(book)
-        book.freeze()
-    written = group.run(up_path, False, True)
-    if group.error is None:
-        _finish(out, dev)
-        if not all(n == out.shape[2] for k, n in enumerate(written) if mine(k)):
-            group.error = AssertionError(f"frames written per tile {written}, expected {out.shape[2]}")
-    group.all_sum(out)
-    return out
+    total = sum(cost(s, box) for s in prog.steps for box in st.pieces(prog.shapes[s.out], sizes[id(s)]))
+    bar = _Progress(opts, total)
+    st.run_program(prog, x, out, device=device, dtype=dtype,
+                   store_device=device if plan.stores_on_device else torch.device("cpu"),
+                   piece_of=lambda step, shape: sizes[id(step)], check=bar.check,
+                   done=lambda step, box: bar.step(cost(step, box)), group=group,
+                   memory_format=torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format)
+    return _finish(out, device)
 
 
 # ------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
 
-from ..cvvae_core import load_model
+from ..cvvae_core import load_model, tiling
 from ..cvvae_core.errors import FrameCountError
 
 log = logging.getLogger("CV-VAE")
@@ -36,33 +36,12 @@ log = logging.getLogger("CV-VAE")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WORKING_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
-# Activation memory per pixel (per frame) in bytes of the working dtype, for one batch element;
-# used to make room (offload other models) before a pass and to split batches. Measured peak on
-# CPU, fp32, full-size vae3d, untiled, 128x128: decode 5.4 kB per output pixel-frame (17 frames),
-# encode 3.0 kB per input pixel-frame (9 frames), i.e. 1360 / 740 x dtype size. The constants keep
-# about 2x headroom for GPU allocator overhead (ComfyUI's own video VAEs use the same values).
-ENCODE_BYTES_PER_PIXEL = 1400
-DECODE_BYTES_PER_PIXEL = 2800
-
-
 def pixel_frames(latent_frames: int) -> int:
     return max(0, latent_frames * 4 - 3)
 
 
 def latent_frames(frames: int) -> int:
     return max(0, math.floor((frames + 3) / 4))
-
-
-def encode_memory(shape, dtype) -> float:
-    """Bytes for encoding one batch element of pixels ``[B, 3, T, H, W]`` (or ``[B, 3, H, W]``)."""
-    t = shape[2] if len(shape) == 5 else 1
-    return ENCODE_BYTES_PER_PIXEL * t * shape[-2] * shape[-1] * mm.dtype_size(dtype)
-
-
-def decode_memory(shape, dtype) -> float:
-    """Bytes for decoding one batch element of a latent ``[B, C, t, h, w]`` (or ``[B, C, h, w]``)."""
-    t = shape[2] if len(shape) == 5 else 1
-    return DECODE_BYTES_PER_PIXEL * pixel_frames(t) * shape[-2] * shape[-1] * 64 * mm.dtype_size(dtype)
 
 
 class CVVAEFirstStage(nn.Module):
@@ -145,8 +124,9 @@ class CVVAEComfyVAE(comfy.sd.VAE):
         self.downscale_ratio = (latent_frames, 8, 8)
         self.upscale_index_formula = (4, 8, 8)
         self.downscale_index_formula = (4, 8, 8)
-        self.memory_used_encode = encode_memory
-        self.memory_used_decode = decode_memory
+        # ComfyUI sizes its batches and makes room with these: the engine's estimate of an untiled pass.
+        self.memory_used_encode = lambda shape, dtype: self.untiled_bytes(tiling.ENCODE, shape, dtype)
+        self.memory_used_decode = lambda shape, dtype: self.untiled_bytes(tiling.DECODE, shape, dtype)
         self.working_dtypes = list(WORKING_DTYPES)
         # Plain torch layers cannot run partially offloaded (lowvram): always load the whole model.
         self.disable_offload = True
@@ -160,6 +140,14 @@ class CVVAEComfyVAE(comfy.sd.VAE):
         self.model_size()
         log.info("CV-VAE %s (%s, %d latent channels) load device: %s, dtype: %s", name, cvvae.variant,
                  self.latent_channels, self.device, self.vae_dtype)
+
+    def untiled_bytes(self, direction, shape, dtype) -> int:
+        """Device bytes of an untiled pass of one batch element of ``shape`` (4-D: one frame)."""
+        shape = [1, *shape[1:]]
+        if len(shape) == 4:
+            shape.insert(2, 1)
+        return tiling.estimate_memory(self.cvvae_model, direction, shape, tiling.Plan(), self.output_device,
+                                      self.device, dtype).total
 
     # Core methods: 4D latents are frames-as-batch image latents ---------------------------------
     def encode(self, pixel_samples):

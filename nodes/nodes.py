@@ -13,7 +13,7 @@ from ..cvvae_core import builtin
 from ..cvvae_core.errors import CheckpointError, CheckpointNotFoundError
 from ..cvvae_core.frames import FrameAdjustment, FramedLatent
 from . import runtime
-from .comfy_vae import decode_memory, encode_memory, get_cvvae, load_comfy_vae
+from .comfy_vae import get_cvvae, load_comfy_vae
 
 CATEGORY = "CV-VAE"
 MODEL_FOLDER = "cvvae"
@@ -137,13 +137,12 @@ class CVVAEVideoEncode(io.ComfyNode):
         video = runtime.images_to_video(images)
         pbar = runtime.progress_bar()
         opts = runtime.tiling_options(tiling, tile_size, chunk_frames, pbar, vae.output_device)
-        need = runtime.memory_for(vae, encode_memory, video.shape, tiling, tile_size, chunk_frames, latent=False)
+        need = runtime.memory_request(vae, "encode", video.shape, opts)
         with runtime.comfy_pass(vae, need, "encoding"):
-            out = model.encode(video, frame_policy=frame_policy, tiling=opts)
+            out = model.encode_framed(video, frame_policy=frame_policy, tiling=opts)
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(1, 1)
-        latent, adjust = (out.latent, out.adjustment) if isinstance(out, FramedLatent) else (out, FrameAdjustment())
-        latent = latent.to(vae.output_device, torch.float32)
+        latent, adjust = out.latent.to(vae.output_device, torch.float32), out.adjustment
         result = {"samples": latent}
         if adjust.changed:
             result[ADJUSTMENT_KEY] = {**vars(adjust), "latent_shape": list(latent.shape)}
@@ -178,7 +177,7 @@ class CVVAEVideoDecode(io.ComfyNode):
         adjust = recorded_adjustment(samples, latent)
         pbar = runtime.progress_bar()
         opts = runtime.tiling_options(tiling, tile_size, chunk_frames, pbar, vae.output_device)
-        need = runtime.memory_for(vae, decode_memory, latent.shape, tiling, tile_size, chunk_frames, latent=True)
+        need = runtime.memory_request(vae, "decode", latent.shape, opts)
         with runtime.comfy_pass(vae, need, "decoding"):
             video = model.decode(FramedLatent(latent, adjust), tiling=opts)
         mm.throw_exception_if_processing_interrupted()

@@ -9,6 +9,7 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..cvvae_core.errors import CancelledError, OutOfMemoryError
+from ..cvvae_core import tiling
 from ..cvvae_core.tiling import TilingOptions
 
 TILING_MODES = ["auto", "seamless", "official", "none"]
@@ -36,17 +37,12 @@ def tiling_options(mode: str, tile_size: int, chunk_frames: int, pbar, output_de
                          cancel=mm.processing_interrupted, output_device=output_device)
 
 
-def memory_for(vae, estimate, shape, mode: str, tile_size: int, chunk_frames: int, latent: bool) -> float:
-    """Bytes to ask ComfyUI for before a pass: the whole clip untiled, else one tile/chunk."""
-    shape = list(shape)
-    if mode != "none":
-        scale = 8 if latent else 1
-        if tile_size:
-            shape[-2] = min(shape[-2], max(1, tile_size // scale))
-            shape[-1] = min(shape[-1], max(1, tile_size // scale))
-        if chunk_frames and len(shape) == 5:
-            shape[2] = min(shape[2], max(1, chunk_frames // 4 + 1 if latent else chunk_frames))
-    return estimate(shape, vae.vae_dtype)
+def memory_request(vae, what: str, shape, opts: TilingOptions | None) -> int:
+    """Bytes to ask ComfyUI for before a pass on the VAE's load device: the engine's own estimate
+    (cvvae_core.tiling.memory_request) of the plan it will run there."""
+    model = vae.cvvae_model
+    direction = tiling.ENCODE if what == "encode" else tiling.DECODE
+    return tiling.memory_request(model, direction, shape, opts, device=vae.device)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""One clip's seamless tiles across 2 ranks (gloo, CPU): equal to one process; idle ranks; failures."""
+"""One clip's seamless pieces across 2 ranks (gloo, CPU): equal to one process; idle ranks; failures."""
 import json
 import os
 import socket
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cvvae_core
-from cvvae_core import tiling
+from cvvae_core import streaming, tiling
 from cvvae_core.cli import main
 from cvvae_core.synthetic import SyntheticConfig, generate_clip
 from cvvae_core.video_io import read_video, to_uint8, write_video
@@ -20,10 +20,10 @@ from conftest import randomize_, tiny_config, video
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_tiling_worker.py")
 
-# Odd tiles and chunks that divide nothing: 4 tiles of a 32x40 frame (3 latent px cores of 4x5),
-# 3-frame chunks of 9 frames; 1 and 2 statistics passes; and one tile (fewer tiles than ranks).
-CASES = [dict(what=w, tile=24, chunk=3, passes=p) for w in ("decode", "encode") for p in (1, 2)]
-ONE_TILE = dict(what="decode", tile=1024, chunk=4, passes=1)
+# Odd tiles and chunks that divide nothing: 32x40 frames in 24 px tiles, 9 frames in 3-frame chunks;
+# and a plan of one piece per layer, which every rank runs whole (nothing to share).
+CASES = [dict(what=w, tile=24, chunk=3) for w in ("decode", "encode")]
+WHOLE = dict(what="decode", tile=1024, chunk=1024)
 
 
 def small_model():
@@ -58,22 +58,37 @@ def run_ranks(out: Path, cases: list, timeout: float, cmd=None, **env_extra) -> 
     return [p.returncode for p in ranks], logs
 
 
-def test_two_ranks_equal_one_process(tmp_path):
+def _convolution_pieces(monkeypatch) -> list:
+    count = [0]
+    real = streaming.ConvStep.run
+
+    def run(step, read, box):
+        count[0] += 1
+        return real(step, read, box)
+    monkeypatch.setattr(streaming.ConvStep, "run", run)
+    return count
+
+
+def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     out = tmp_path / "results.pt"
-    codes, logs = run_ranks(out, CASES + [ONE_TILE], timeout=120)
+    codes, logs = run_ranks(out, CASES + [WHOLE], timeout=120)
     assert codes == [0, 0], logs
     got = torch.load(out)
-    # Each rank ran its share of the tile streams (4 tiles, each pass); the one-tile case left rank 1 idle.
-    counts = [json.loads(log.split("streams ", 1)[1].splitlines()[0]) for log in logs]
-    for case in CASES:
-        assert [c[json.dumps(case)] for c in counts] == [2 * (case["passes"] + 1)] * 2, counts
-    assert [c.get(json.dumps(ONE_TILE), 0) for c in counts] == [2, 0], counts
+    counts = [json.loads(log.split("pieces ", 1)[1].splitlines()[0]) for log in logs]
     model = small_model()
-    for case in CASES + [ONE_TILE]:
-        opts = tiling.TilingOptions(tile_size=case["tile"], chunk_frames=case["chunk"], stats_passes=case["passes"])
+    one_process = _convolution_pieces(monkeypatch)
+    for case in CASES + [WHOLE]:
+        one_process[0] = 0
+        opts = tiling.TilingOptions(tile_size=case["tile"], chunk_frames=case["chunk"])
         run = tiling.decode_latent if case["what"] == "decode" else tiling.encode_moments
         want = run(model, case_input(case), opts)
         torch.testing.assert_close(got[json.dumps(case)], want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case}: {m}")
+        ran = [c.get(json.dumps(case), 0) for c in counts]
+        if case is WHOLE:
+            assert ran == [0, 0] and one_process[0] == 0  # the untiled pass on each rank: no pieces
+        else:
+            # every piece ran exactly once, on one of the ranks, and both ranks had work
+            assert sum(ran) == one_process[0] and min(ran) > 0.4 * one_process[0], (case, ran, one_process[0])
 
 
 def test_a_failing_rank_stops_every_rank_with_a_typed_error(tmp_path):

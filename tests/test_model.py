@@ -6,7 +6,7 @@ import torch
 
 import cvvae_core
 from cvvae_core.checkpoint import to_internal, to_official
-from cvvae_core.layers import CausalConv3d, Upsample
+from cvvae_core.layers import Upsample, causal_conv3d
 from conftest import tiny_config, video
 
 DATA = Path(__file__).parent / "data"
@@ -57,7 +57,7 @@ def test_single_frame_is_the_image_path(tiny_model):
 @pytest.mark.parametrize("variant", ["sd", "sd3"])
 def test_causal_conv_pads_time_in_front_only(variant):
     torch.manual_seed(0)
-    conv = CausalConv3d(2, 3, 3, tiny_config(variant))
+    conv = causal_conv3d(2, 3, 3, tiny_config(variant))
     x = torch.randn(1, 2, 6, 5, 7)
     y = conv(x)
     assert y.shape == (1, 3, 6, 5, 7)
@@ -73,7 +73,7 @@ def test_spatial_padding_mode_differs_per_variant():
     x = torch.ones(1, 1, 1, 4, 4)
     outs = {}
     for variant in ("sd", "sd3"):
-        conv = CausalConv3d(1, 1, 3, tiny_config(variant))
+        conv = causal_conv3d(1, 1, 3, tiny_config(variant))
         torch.nn.init.ones_(conv.weight), torch.nn.init.zeros_(conv.bias)
         outs[variant] = conv(x)[0, 0, 0]
     assert torch.all(outs["sd3"] == 27)  # replicate: every tap sees 1
@@ -126,7 +126,7 @@ def test_size_not_multiple_of_8_is_an_error(tiny_model):
 
 def test_pad_policy_round_trips_frame_count_and_size(tiny_model):
     x = video(t=7, h=20, w=30)
-    enc = tiny_model.encode(x, frame_policy="pad")
+    enc = tiny_model.encode_framed(x, frame_policy="pad")
     assert isinstance(enc, cvvae_core.FramedLatent)
     assert (enc.adjustment.padded_frames, enc.adjustment.padded_height, enc.adjustment.padded_width) == (2, 4, 2)
     assert enc.latent.shape[2:] == (3, 3, 4)
@@ -134,7 +134,7 @@ def test_pad_policy_round_trips_frame_count_and_size(tiny_model):
 
 
 def test_trim_policy_reports_what_it_dropped(tiny_model):
-    enc = tiny_model.encode(video(t=8, h=20, w=16), frame_policy="trim")
+    enc = tiny_model.encode_framed(video(t=8, h=20, w=16), frame_policy="trim")
     assert (enc.adjustment.trimmed_frames, enc.adjustment.trimmed_height) == (3, 4)
     assert tiny_model.decode(enc).shape[2:] == (5, 16, 16)
 
@@ -159,4 +159,4 @@ def test_latent_channel_mismatch_says_which_model(tiny_model):
 
 def test_unknown_frame_policy(tiny_model):
     with pytest.raises(ValueError, match="frame_policy"):
-        tiny_model.encode(video(t=5, h=16, w=16), frame_policy="crop")
+        tiny_model.encode_framed(video(t=5, h=16, w=16), frame_policy="crop")
