@@ -1,204 +1,210 @@
-"""Tiling engine benchmark: seconds, frames/s, peak device memory and PSNR of each mode.
+"""Tiling engine benchmark: each mode against official mode and the untiled model, in one run.
 
-    python bench/bench_tiling.py                                  # CUDA: 576x1024, 17 and 97 frames
-    python bench/bench_tiling.py --videos ../shared/data/videos   # + real clips (first N frames)
-    python bench/bench_tiling.py --device cpu --size 64x112 --frames 9 17 --model builtin
+    python bench/bench_tiling.py --model random-sd --size 256x256 --frames 17          # CPU targets (issue 9)
+    python bench/bench_tiling.py --model builtin --videos ../shared/data/videos --size 576x1024 --frames 17
+    python bench/bench_tiling.py --model random-sd --size 64x64 --frames 33 --modes untiled seamless-chunk8
+    python bench/bench_tiling.py --device cuda --dtype bf16 --size 576x1024 --frames 17 97
 
-Per clip and direction (encode, decode) it runs, in the same process:
-  untiled  the whole clip at once in float32 (the reference; skipped where it does not fit)
-  official the official tiled algorithm (release tile 576 / 0.2222 / 16 frames, or --official-tile)
-  seamless the seamless engine, in --dtype (fp16/bf16 on CUDA), with --stats-passes
-PSNR is over [-1, 1] (peak-to-peak 2): decode outputs directly; encode outputs through the
-untiled float32 decoder. Targets (issue 4): seamless >= 2x official throughput at <= 0.5x its
-peak memory; seamless peak at the longest clip <= 1.1x that at the shortest; >= 45 dB vs untiled.
-Writes the rows to --json.
+Every (clip, direction, mode) runs in a fresh child process, so peak memory, page faults and
+CPU/system time belong to that mode alone. Modes:
+  untiled           the whole clip at once (tiling=None), the reference
+  official          the official tiled algorithm (release tile 576 px / overlap 0.2222 / 16-frame chunks)
+  seamless-chunkN   the seamless engine with N-frame chunks forced
+  seamless-auto     the seamless engine with its automatic plan (the default)
+Columns: seconds, frames/s, throughput relative to official, user and system CPU seconds of the
+pass, the system share of its CPU time, its minor page faults, the child's peak RSS (model and
+input included) or max_memory_allocated (CUDA), and
+PSNR against the untiled float32 model: decode outputs directly (peak-to-peak 2), encode outputs
+as latents (peak-to-peak of the untiled latent) and through the untiled float32 decoder.
+``random-sd`` / ``random-sd3``: release-size vae3d / vae3d_sd3 with seeded random weights.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import cvvae_core  # noqa: E402
 from cvvae_core import tiling  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_clip(path: Path, frames: int, h: int, w: int) -> torch.Tensor:
-    import av
-    with av.open(str(path)) as c:
-        out = []
-        for f in c.decode(video=0):
-            out.append(torch.from_numpy(f.to_ndarray(format="rgb24")))
-            if len(out) == frames:
-                break
-    x = torch.stack(out).permute(3, 0, 1, 2).float()[None] / 127.5 - 1
-    return F.interpolate(x, size=(x.shape[2], h, w), mode="trilinear", antialias=False).clamp(-1, 1)
-
-
-def synthetic_clip(frames: int, h: int, w: int) -> torch.Tensor:
-    from cvvae_core.synthetic import SyntheticConfig, generate_clip
-    return generate_clip(0, SyntheticConfig(frames=frames, height=h, width=w))[None]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).square().mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(4 / mse)
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    sec = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else None
-    return out, sec, peak
-
-
-def run_case(name, video, models, args, device):
-    ref_model, fast_model = models["fp32"], models[args.dtype]
-    frames = video.shape[2]
-    rows = []
-    ot = args.official_tile
-    official = dict(mode="official", tile_size=ot, chunk_frames=args.official_chunk)
-    seamless = dict(mode="seamless", tile_size=args.tile, chunk_frames=args.chunk, stats_passes=args.stats_passes)
+def build_model(name: str, device: str, dtype: torch.dtype):
+    if name == "builtin":
+        return cvvae_core.load_model("builtin", device=device, dtype=dtype)
+    from cvvae_core.config import PRESETS
+    torch.manual_seed(0)
+    model = cvvae_core.CVVAE(PRESETS["vae3d" if name == "random-sd" else "vae3d_sd3"]).eval()
     with torch.no_grad():
-        try:
-            ref_mom, sec, peak = timed(lambda: tiling.encode_moments(ref_model, video, tiling.TilingOptions(mode="none")), device)
-            rows.append(dict(case=name, op="encode", mode="untiled", dtype="fp32", sec=sec, peak_gib=peak))
-        except torch.OutOfMemoryError:
-            ref_mom = None
-        mean_for_decode = (ref_mom if ref_mom is not None else
-                           tiling.encode_moments(ref_model, video, tiling.TilingOptions(**seamless)))[:, :ref_model.latent_channels]
-        try:
-            ref_dec, sec, peak = timed(lambda: tiling.decode_latent(ref_model, mean_for_decode, tiling.TilingOptions(mode="none")), device)
-            rows.append(dict(case=name, op="decode", mode="untiled", dtype="fp32", sec=sec, peak_gib=peak))
-        except torch.OutOfMemoryError:
-            ref_dec = None
-        untiled_video = ref_dec
+        for p in model.parameters():  # activations keep a sane scale through 30 layers
+            p.normal_(0, 1.0 / math.sqrt(max(1, p[0].numel()))) if p.dim() > 1 else p.zero_()
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm) or isinstance(m, torch.nn.LayerNorm):
+                m.weight.fill_(1.0)
+    return model.to(device, dtype)
 
-        def enc_quality(mom):
-            # latents compared through the float32 untiled decoder, in video PSNR
-            if untiled_video is None:
-                return None
-            dec = tiling.decode_latent(ref_model, mom[:, :ref_model.latent_channels].float(), tiling.TilingOptions(mode="none"))
-            return psnr(dec, untiled_video)
 
-        results = {}
-        for mode, opts, model, dt in [("official", official, ref_model, "fp32"),
-                                      ("official", official, fast_model, args.dtype),
-                                      ("seamless", seamless, fast_model, args.dtype),
-                                      ("seamless", seamless, ref_model, "fp32")]:
-            key = (mode, dt)
-            if key in results:
-                continue
-            mom, esec, epeak = timed(lambda: tiling.encode_moments(model, video, tiling.TilingOptions(**opts)), device)
-            dec, dsec, dpeak = timed(lambda: tiling.decode_latent(model, mean_for_decode, tiling.TilingOptions(**opts)), device)
-            results[key] = (mom, dec)
-            rows.append(dict(case=name, op="encode", mode=mode, dtype=dt, sec=esec, peak_gib=epeak,
-                             psnr_vs_untiled=enc_quality(mom)))
-            rows.append(dict(case=name, op="decode", mode=mode, dtype=dt, sec=dsec, peak_gib=dpeak,
-                             psnr_vs_untiled=None if ref_dec is None else psnr(dec, ref_dec)))
-        off_dec = results[("official", "fp32")][1]
-        for r in rows:
-            r["frames"] = frames
-            r["fps"] = frames / r["sec"]
-            if r["op"] == "decode" and r["mode"] != "untiled":
-                r["psnr_vs_official"] = psnr(results[(r["mode"], r["dtype"])][1], off_dec)
-    return rows
+def make_clip(spec: str, frames: int, h: int, w: int) -> torch.Tensor:
+    """``smooth``: seeded noise upsampled 8x (content at several scales); else a video path."""
+    if spec == "smooth":
+        g = torch.Generator().manual_seed(0)
+        low = torch.rand(1, 3, frames, max(1, h // 8), max(1, w // 8), generator=g) * 2 - 1
+        return torch.nn.functional.interpolate(low, size=(frames, h, w), mode="trilinear").clamp(-1, 1)
+    from cvvae_core.video_io import read_video, to_model_range
+    clip, _ = read_video(spec, frames, h, w)
+    return to_model_range(clip)
+
+
+def options(mode: str) -> tiling.TilingOptions | None:
+    if mode == "untiled":
+        return None
+    if mode == "official":
+        return tiling.TilingOptions(mode="official")
+    if mode == "seamless-auto":
+        return tiling.TilingOptions()
+    if mode.startswith("seamless-chunk"):
+        return tiling.TilingOptions(chunk_frames=int(mode[len("seamless-chunk"):]))
+    raise SystemExit(f"unknown mode {mode}")
+
+
+def child(args):
+    """One mode on one clip and direction; writes the result and its own figures."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = build_model(args.model, args.device, DTYPES[args.dtype])
+    x = torch.load(args.input)
+    opts = options(args.mode)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if args.direction == "encode":
+            y = model.encode_moments(x) if opts is None else tiling.encode_moments(model, x, opts)
+        else:
+            y = model.decode_latent(x) if opts is None else tiling.decode_latent(model, x, opts)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)  # the pass alone, not the process start
+    torch.save(y.float().cpu(), args.output)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    print(json.dumps({"seconds": seconds, "cuda_peak": peak, "user": after.ru_utime - before.ru_utime,
+                      "sys": after.ru_stime - before.ru_stime, "minflt": after.ru_minflt - before.ru_minflt}))
+
+
+def run_child(args, mode: str, direction: str, inp: Path, out: Path, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--direction", direction, "--input", str(inp),
+           "--output", str(out), "--model", args.model, "--device", args.device, "--dtype", dtype,
+           "--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    result = json.loads(proc.stdout.read().strip().splitlines()[-1]) if os.waitstatus_to_exitcode(status) == 0 else {}
+    proc.stdout.close()
+    if not result:
+        return {"mode": mode, "failed": True}
+    cpu = result["user"] + result["sys"]
+    return {"mode": mode, "seconds": result["seconds"], "user": result["user"], "sys": result["sys"],
+            "sys_share": result["sys"] / cpu if cpu else 0.0, "minflt": result["minflt"],
+            "peak_rss_mib": usage.ru_maxrss / 1024, "cuda_peak_gib": (result["cuda_peak"] or 0) / 2**30}
+
+
+def psnr(a: torch.Tensor, ref: torch.Tensor, peak: float) -> float:
+    mse = (a - ref).square().mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", default="builtin", help="'builtin', a checkpoint path, or 'random-sd' (release size, random)")
-    ap.add_argument("--size", default="576x1024", help="HxW")
-    ap.add_argument("--frames", type=int, nargs="+", default=[17, 97])
-    ap.add_argument("--videos", type=Path, help="folder of .mp4 clips to add (resized to --size)")
-    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="seamless dtype (default fp16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--tile", type=int, default=None, help="seamless tile size (default: automatic)")
-    ap.add_argument("--chunk", type=int, default=None, help="seamless chunk frames (default: automatic)")
-    ap.add_argument("--stats-passes", type=int, default=None, help="default: the engine's (1 whole frames, 2 tiled)")
-    ap.add_argument("--official-tile", type=int, default=tiling.OFFICIAL_TILE)
-    ap.add_argument("--official-chunk", type=int, default=tiling.OFFICIAL_CHUNK)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, default=Path("bench/results_tiling.json"))
+    ap.add_argument("--model", default="random-sd", choices=["random-sd", "random-sd3", "builtin"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--size", default="256x256")
+    ap.add_argument("--frames", type=int, nargs="+", default=[17])
+    ap.add_argument("--videos", type=Path, help="a folder of clips (default: one smooth synthetic clip)")
+    ap.add_argument("--modes", nargs="+", default=["untiled", "official", "seamless-chunk8", "seamless-auto"])
+    ap.add_argument("--directions", nargs="+", default=["encode", "decode"])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for name in ("mode", "direction", "input", "output"):
+        ap.add_argument(f"--{name}", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    h, w = (int(v) for v in args.size.lower().split("x"))
-
-    if args.model == "builtin":
-        from cvvae_core.builtin import load_builtin
-        base = load_builtin(device="cpu", dtype=torch.float32)
-    elif args.model == "random-sd":
-        torch.manual_seed(0)
-        base = cvvae_core.CVVAE(cvvae_core.SD)
-    else:
-        base = cvvae_core.load_model(args.model, device="cpu", dtype=torch.float32)
-    models = {k: type(base)(base.config).to(device, DTYPES[k]).eval() for k in {"fp32", args.dtype}}
-    for m in models.values():
-        m.load_state_dict(base.state_dict())
-
-    cases = [(f"synthetic-{t}f", synthetic_clip(t, h, w)) for t in args.frames]
-    if args.videos:
-        for p in sorted(args.videos.glob("*.mp4")):
-            for t in args.frames:
-                cases.append((f"{p.stem[:20]}-{t}f", load_clip(p, t, h, w)))
+    if args.child:
+        return child(args)
+    h, w = (int(v) for v in args.size.split("x"))
+    clips = sorted(args.videos.iterdir()) if args.videos else ["smooth"]
     rows = []
-    for name, clip in cases:
-        rows += run_case(name, clip, models, args, device)
-        for r in rows[-10:]:
-            print(_fmt(r), flush=True)
+    ref_model = build_model(args.model, "cpu", torch.float32)
+    print(f"model {args.model}, {args.device} {args.dtype}, {args.threads} threads, load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for clip_spec in clips:
+            for frames in args.frames:
+                video = make_clip(str(clip_spec), frames, h, w)
+                with torch.no_grad():
+                    ref_latent = ref_model.encode(video)
+                inputs = {"encode": video, "decode": ref_latent}
+                for direction in args.directions:
+                    inp = tmp / f"{direction}_in.pt"
+                    torch.save(inputs[direction], inp)
+                    results = {}
+                    for mode in args.modes:
+                        dtype = "fp32" if mode == "untiled" and args.device == "cpu" else args.dtype
+                        out = tmp / f"{direction}_{mode}.pt"
+                        results[mode] = run_child(args, mode, direction, inp, out, dtype)
+                        results[mode]["out"] = out
+                    if "untiled" in results and not results["untiled"].get("failed"):
+                        ref = torch.load(results["untiled"]["out"])
+                    else:
+                        ref = None
+                    base = results.get("official", {}).get("seconds")
+                    for mode, r in results.items():
+                        row = {"clip": Path(str(clip_spec)).name, "frames": frames, "size": args.size,
+                               "direction": direction, **{k: v for k, v in r.items() if k != "out"}}
+                        if not r.get("failed"):
+                            row["fps"] = frames / r["seconds"]
+                            row["vs_official"] = base / r["seconds"] if base else None
+                            y = torch.load(r["out"])
+                            if ref is not None and direction == "decode":
+                                row["psnr"] = psnr(y, ref, 2.0)
+                            elif ref is not None:
+                                c = ref_model.latent_channels
+                                row["psnr"] = psnr(y[:, :c], ref[:, :c], float(ref[:, :c].max() - ref[:, :c].min()))
+                                with torch.no_grad():
+                                    row["psnr_decoded"] = psnr(ref_model.decode(y[:, :c]), ref_model.decode(ref[:, :c]),
+                                                               2.0)
+                        rows.append(row)
+                        print(format_row(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
-    print(f"\ndevice: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"model {args.model}, {h}x{w}, seamless {args.dtype}, stats passes {args.stats_passes}")
-    print(f"{'case':24} {'op':6} {'mode':8} {'dtype':5} {'sec':>8} {'fps':>7} {'peak GiB':>8} {'dB vs untiled':>13} {'dB vs official':>14}")
-    for r in rows:
-        print(_fmt(r))
-    summary = _ratios(rows)
-    for line in summary:
-        print(line)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": str(device), "size": [h, w], "model": args.model,
-                                     "dtype": args.dtype, "rows": rows, "summary": summary}, indent=1))
-    print(f"wrote {args.json}")
 
-
-def _fmt(r):
-    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    return (f"{r['case']:24} {r['op']:6} {r['mode']:8} {r['dtype']:5} {r['sec']:8.2f} {r['fps']:7.2f} "
-            f"{f(r['peak_gib'], '8.2f')} {f(r.get('psnr_vs_untiled'), '13.1f')} {f(r.get('psnr_vs_official'), '14.1f')}")
-
-
-def _ratios(rows):
-    """Throughput and memory of seamless (fast dtype) against official (fp32 and same dtype)."""
-    out = []
-    get = lambda c, op, mode, dt: next((r for r in rows if (r["case"], r["op"], r["mode"], r["dtype"]) == (c, op, mode, dt)), None)  # noqa: E731,E501
-    fast = next((r["dtype"] for r in rows if r["mode"] == "seamless" and r["dtype"] != "fp32"), "fp32")
-    for c in dict.fromkeys(r["case"] for r in rows):
-        for op in ("encode", "decode"):
-            s = get(c, op, "seamless", fast)
-            for dt in dict.fromkeys(("fp32", fast)):
-                o = get(c, op, "official", dt)
-                mem = (f", peak {s['peak_gib'] / o['peak_gib']:.2f}x" if s["peak_gib"] and o["peak_gib"] else "")
-                out.append(f"{c} {op}: seamless {fast} vs official {dt}: throughput {o['sec'] / s['sec']:.2f}x{mem}")
-    return out
+def format_row(r: dict) -> str:
+    head = f"{r['clip'][:18]:18s} {r['frames']:3d}f {r['size']:>9s} {r['direction']:6s} {r['mode']:16s}"
+    if r.get("failed"):
+        return head + " FAILED (see its error above)"
+    vs = f"{r['vs_official']:.2f}x" if r.get("vs_official") else "  -  "
+    q = ""
+    if "psnr" in r:
+        q = f" psnr {r['psnr']:6.1f} dB" + (f" (decoded {r['psnr_decoded']:.1f})" if "psnr_decoded" in r else "")
+    mem = f"rss {r['peak_rss_mib']:6.0f} MiB" + (f" cuda {r['cuda_peak_gib']:.2f} GiB" if r["cuda_peak_gib"] else "")
+    return (f"{head} {r['seconds']:7.1f}s {r['fps']:6.2f} f/s {vs:>6s}  user {r['user']:6.1f} sys {r['sys']:5.1f} "
+            f"({100 * r['sys_share']:4.1f}%) faults {r['minflt']:9d} {mem}{q}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,6 @@ from .config import CVVAEConfig
 
 Amounts = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (before, after) for T, H, W
 
-_F_PAD_MODE = {"zeros": "constant", "replicate": "replicate"}
-
-
 @dataclass(frozen=True)
 class ClipPadding:
     """What a convolution adds around the clip: (before, after) frames, rows and columns, and how
@@ -38,14 +35,46 @@ class ClipPadding:
     space_fill: str = "zeros"
 
     def apply(self, x: torch.Tensor, amounts: Amounts | None = None) -> torch.Tensor:
-        """Pad ``x`` by ``amounts`` (default: all of it) with this padding's fills; space first,
-        then time, as the official code does (a replicated frame includes its padded border)."""
-        (tf, tb), (top, bottom), (left, right) = self.amounts if amounts is None else amounts
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom, 0, 0), mode=_F_PAD_MODE[self.space_fill])
-        if tf or tb:
-            x = F.pad(x, (0, 0, 0, 0, tf, tb), mode=_F_PAD_MODE[self.time_fill])
-        return x
+        """``x`` padded by ``amounts`` (default: all of this padding) with this padding's fills."""
+        amounts = self.amounts if amounts is None else amounts
+        if not any(sum(amounts, ())):
+            return x
+        padded, interior = self.buffer(x, amounts)
+        interior.copy_(x)
+        return self.fill_border(padded, amounts)
+
+    @staticmethod
+    def buffer(x: torch.Tensor, amounts: Amounts) -> tuple[torch.Tensor, torch.Tensor]:
+        """An empty padded tensor for ``x`` (same dtype, device and channel layout) and its interior,
+        for a caller that writes the interior itself (the streaming engine normalises into it)."""
+        (tf, tb), (top, bottom), (left, right) = amounts
+        b, c, t, h, w = x.shape
+        channels_last = c > 1 and x.stride(1) == 1
+        padded = torch.empty((b, c, t + tf + tb, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                             memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+        return padded, padded[:, :, tf:tf + t, top:top + h, left:left + w]
+
+    def fill_border(self, padded: torch.Tensor, amounts: Amounts) -> torch.Tensor:
+        """Fill the border of ``padded`` around its interior: space first, then time, as the official
+        code pads (a replicated frame includes its padded border)."""
+        (tf, tb), (top, bottom), (left, right) = amounts
+        t1, h1, w1 = (n - after for n, (_, after) in zip(padded.shape[2:], amounts))
+        frames = padded[:, :, tf:t1]
+        if self.space_fill == "zeros":
+            for border in (frames[:, :, :, :top], frames[:, :, :, h1:], frames[..., :left], frames[..., w1:]):
+                border.zero_()
+        else:
+            frames[:, :, :, :top, left:w1] = frames[:, :, :, top:top + 1, left:w1]
+            frames[:, :, :, h1:, left:w1] = frames[:, :, :, h1 - 1:h1, left:w1]
+            frames[..., :left] = frames[..., left:left + 1]
+            frames[..., w1:] = frames[..., w1 - 1:w1]
+        if self.time_fill == "zeros":
+            padded[:, :, :tf].zero_()
+            padded[:, :, t1:].zero_()
+        else:
+            padded[:, :, :tf] = padded[:, :, tf:tf + 1]
+            padded[:, :, t1:] = padded[:, :, t1 - 1:t1]
+        return padded
 
 
 def _space_fill(cfg: CVVAEConfig) -> str:

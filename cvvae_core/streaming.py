@@ -87,16 +87,18 @@ class GroupMoments:
         return self.mean.float(), (self.m2 / self.n).float()
 
 
-def norm_silu(x: torch.Tensor, norm: GroupNormSiLU, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def norm_silu(x: torch.Tensor, norm: GroupNormSiLU, mean: torch.Tensor, var: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """GroupNorm with the given (clip-wide) statistics, then SiLU, as one multiply-add pass: the
-    arithmetic is float32, the result (and the only new tensor) in ``x``'s dtype."""
+    arithmetic is float32, the result in ``x``'s dtype, written into ``out`` (x-shaped; e.g. the
+    interior of a padded buffer) or a new tensor."""
     b, c = x.shape[:2]
     per_group = c // norm.num_groups
     scale = torch.rsqrt(var.to(x.device) + norm.eps).repeat_interleave(per_group, 1) * norm.weight.float()
     shift = norm.bias.float() - mean.to(x.device).repeat_interleave(per_group, 1) * scale
-    y = torch.empty_like(x)  # x's memory layout
-    torch.addcmul(shift.view(b, c, 1, 1, 1), x, scale.view(b, c, 1, 1, 1), out=y)
-    return F.silu(y, inplace=True)
+    out = torch.empty_like(x) if out is None else out
+    torch.addcmul(shift.view(b, c, 1, 1, 1), x, scale.view(b, c, 1, 1, 1), out=out)
+    return F.silu(out, inplace=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +131,8 @@ class Step:
     def run(self, read: Callable, box: Box) -> torch.Tensor:
         raise NotImplementedError
 
-    def macs_per_voxel(self, src: Shape) -> int:
-        """Multiply-adds per output voxel (the progress bar's weights)."""
+    def macs(self, src: Shape, box: Box) -> int:
+        """Multiply-adds of one piece per batch element (the progress bar's weights)."""
         raise NotImplementedError
 
     def region_voxels(self, piece: tuple[int, int, int]) -> int:
@@ -160,7 +162,7 @@ class ConvStep(Step):
         src_sizes = read.shape(self.src)[2:]
         region, amounts = zip(*(_window(o, k, s, lo, n) for o, k, s, (lo, _), n in
                                 zip(box, self.conv.kernel3, self.conv.stride3, pad.amounts, src_sizes)))
-        y = self.conv.conv_padded(pad.apply(read(self.src, region, self.norm), amounts))
+        y = self.conv.conv_padded(read(self.src, region, self.norm, pad, amounts))
         if self.residual is not None:
             r = read(self.residual, box, None)
             y += r if self.shortcut is None else self.shortcut(r)
@@ -169,9 +171,10 @@ class ConvStep(Step):
     def region_voxels(self, piece):
         return math.prod((p - 1) * s + k for p, k, s in zip(piece, self.conv.kernel3, self.conv.stride3))
 
-    def macs_per_voxel(self, src):
+    def macs(self, src, box):
         shortcut = 0 if self.shortcut is None else self.shortcut.in_channels
-        return self.conv.out_channels * (self.conv.in_channels * math.prod(self.conv.kernel3) + shortcut)
+        per_voxel = self.conv.out_channels * (self.conv.in_channels * math.prod(self.conv.kernel3) + shortcut)
+        return per_voxel * math.prod(b - a for a, b in box)
 
 
 @dataclass
@@ -188,9 +191,7 @@ class UpsampleStep(Step):
         conv, pad = self.up.conv, self.up.conv.clip_padding
         t_in, h_in, w_in = read.shape(self.src)[2:]
         (t0, t1), rows, cols = box
-        # Output frame f is frame f + 1 of the doubled sequence, i.e. block (f + 1) % 2 of
-        # convolution frame (f + 1) // 2.
-        conv_frames = ((t0 + 1) // 2, t1 // 2 + 1) if self.up.time_factor == 2 else (t0, t1)
+        conv_frames = self._conv_frames((t0, t1))
         frames, t_pad = _window(conv_frames, 3, 1, 1, t_in)
         src_box, crops, space_pad = [frames], [], []
         for (o0, o1), n in zip((rows, cols), (h_in, w_in)):
@@ -212,9 +213,16 @@ class UpsampleStep(Step):
         t, h, w = piece
         return (t // self.up.time_factor + 3) * (h + 2) * (w + 2)  # upsampled, as the convolution reads it
 
-    def macs_per_voxel(self, src):
-        c = self.up.conv.in_channels  # the convolution's 2C outputs of a frame become two output frames
-        return c * c * 27
+    def _conv_frames(self, frames: Range) -> Range:
+        """The convolution frames output frames [t0, t1) come from: output frame f is frame f + 1 of
+        the doubled sequence, i.e. block (f + 1) % 2 of convolution frame (f + 1) // 2."""
+        t0, t1 = frames
+        return ((t0 + 1) // 2, t1 // 2 + 1) if self.up.time_factor == 2 else (t0, t1)
+
+    def macs(self, src, box):
+        (j0, j1), (r0, r1), (c0, c1) = self._conv_frames(box[0]), box[1], box[2]
+        conv = self.up.conv
+        return conv.out_channels * conv.in_channels * 27 * (j1 - j0) * (r1 - r0) * (c1 - c0)
 
 
 @dataclass
@@ -235,9 +243,9 @@ class AttentionSpatialStep(Step):
     def scores(self, src, piece):
         return min(piece[0], self.attn.frames_per_call) * (src[3] * src[4]) ** 2
 
-    def macs_per_voxel(self, src):
-        _, c, _, h, w = src
-        return 4 * c * c + 2 * h * w * c  # q, k, v, proj_out; scores and weighted sum over the frame
+    def macs(self, src, box):
+        _, c, _, h, w = src  # q, k, v, proj_out; scores and weighted sum over the frame
+        return (box[0][1] - box[0][0]) * h * w * (4 * c * c + 2 * h * w * c)
 
 
 @dataclass
@@ -255,9 +263,9 @@ class AttentionTemporalStep(Step):
     def scores(self, src, piece):
         return piece[1] * piece[2] * src[2] ** 2
 
-    def macs_per_voxel(self, src):
+    def macs(self, src, box):
         _, c, t, _, _ = src
-        return 4 * c * c + 2 * t * c
+        return (box[1][1] - box[1][0]) * (box[2][1] - box[2][0]) * t * (4 * c * c + 2 * t * c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,8 +420,8 @@ class _StorePool:
             if tuple(t.shape) == tuple(shape):
                 return self.free.pop(i)
         self.free.clear()  # a new size: the network has moved on to another resolution
-        t = torch.empty(shape, device=self.device, dtype=self.dtype, pin_memory=self.pin)
-        return t if self.memory_format == torch.contiguous_format else t.to(memory_format=self.memory_format)
+        return torch.empty(shape, device=self.device, dtype=self.dtype, pin_memory=self.pin,
+                           memory_format=self.memory_format)
 
     def give(self, t: torch.Tensor):
         self.free.append(t)
@@ -432,13 +440,19 @@ class _Reader:
     def shape(self, slot: int):
         return self.stores[slot].shape
 
-    def __call__(self, slot: int, box: Box, norm: GroupNormSiLU | None) -> torch.Tensor:
+    def __call__(self, slot: int, box: Box, norm: GroupNormSiLU | None, padding: ClipPadding | None = None,
+                 amounts=((0, 0), (0, 0), (0, 0))) -> torch.Tensor:
+        """... then padded by ``amounts`` of ``padding``: normalised straight into the padded buffer."""
         x = self.stores[slot][_slices(box)].to(self.device, self.dtype, non_blocking=True)
         if norm is None:
-            return x
+            return x if padding is None else padding.apply(x, amounts)
         if slot not in self._stats:
             self._stats[slot] = tuple(t.to(self.device) for t in self.moments[slot].mean_var())
-        return norm_silu(x, norm, *self._stats[slot])
+        if padding is None or not any(sum(amounts, ())):
+            return norm_silu(x, norm, *self._stats[slot])
+        padded, interior = padding.buffer(x, amounts)
+        norm_silu(x, norm, *self._stats[slot], out=interior)
+        return padding.fill_border(padded, amounts)
 
     def drop(self, slot: int) -> torch.Tensor:
         self.moments.pop(slot, None)
@@ -487,6 +501,8 @@ def run_program(prog: Program, x: torch.Tensor, output: torch.Tensor, *, device:
             group.all_sum(dest)
             if moments is not None:
                 group.merge_moments(moments)
+        if pin:
+            torch.cuda.synchronize(device)  # the step's copies into host memory land before it is read
         read.stores[step.out] = dest
         if moments is not None:
             read.moments[step.out] = moments

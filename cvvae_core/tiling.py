@@ -392,9 +392,8 @@ def _seamless(model, x: torch.Tensor, opts: TilingOptions, direction: Direction,
     device, dtype = model.device, model.dtype
     prog = st.Program(direction.network(model).layers(), x.shape)
     out = _output_buffer(prog.output_shape, opts, device)
-    sizes = _plan_pieces(prog, plan, direction.video_size(model, x.shape), _elem(dtype))
-    if all(sizes[id(s)] == tuple(prog.shapes[s.out][2:]) for s in prog.steps):
-        # One piece per layer: the untiled pass itself (every rank runs it; nothing to share).
+    if whole_plan(plan):
+        # The untiled pass itself (every rank runs it; nothing to share).
         prog_bar = _Progress(opts, 1)
         prog_bar.check()
         if group is None:
@@ -404,10 +403,11 @@ def _seamless(model, x: torch.Tensor, opts: TilingOptions, direction: Direction,
             group.check()
         prog_bar.step(1)
         return _finish(out, device)
+    sizes = _plan_pieces(prog, plan, direction.video_size(model, x.shape), _elem(dtype))
     batch = x.shape[0]
 
     def cost(step, box):
-        return batch * math.prod(b - a for a, b in box) * step.macs_per_voxel(prog.shapes[step.src])
+        return batch * step.macs(prog.shapes[step.src], box)
 
     total = sum(cost(s, box) for s in prog.steps for box in st.pieces(prog.shapes[s.out], sizes[id(s)]))
     bar = _Progress(opts, total)

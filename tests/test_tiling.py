@@ -96,9 +96,9 @@ def test_every_norm_uses_the_clip_wide_statistics(model, monkeypatch, decode):
     seen = {}
     real = streaming.norm_silu
 
-    def spy(t, norm, mean, var):
+    def spy(t, norm, mean, var, **kw):
         seen.setdefault(id(norm), []).append((mean, var))
-        return real(t, norm, mean, var)
+        return real(t, norm, mean, var, **kw)
     monkeypatch.setattr(streaming, "norm_silu", spy)
     (tiling.decode_latent if decode else tiling.encode_moments)(model, x, tiling.TilingOptions(tile_size=16,
                                                                                                chunk_frames=2))
@@ -109,10 +109,13 @@ def test_every_norm_uses_the_clip_wide_statistics(model, monkeypatch, decode):
             torch.testing.assert_close(var, want[key][1], atol=1e-6, rtol=1e-5)
 
 
-def test_one_piece_per_layer_is_the_untiled_pass(model):
+def test_the_whole_clip_plan_is_the_untiled_pass(model):
     x = video(1, 5, 24, 32, seed=4)
-    out = tiling.encode_moments(model, x, tiling.TilingOptions(tile_size=64, chunk_frames=8))
+    out = tiling._seamless(model, x, tiling.TilingOptions(), tiling.ENCODE, tiling.Plan(), None)
     assert torch.equal(out, model.encode_moments(x))
+    # one piece per layer streamed: the same to rounding
+    one_piece = tiling.encode_moments(model, x, tiling.TilingOptions(tile_size=64, chunk_frames=8))
+    torch.testing.assert_close(one_piece, out, atol=EXACT, rtol=0)
 
 
 class _Unknown(nn.Module):
