@@ -50,11 +50,10 @@ OFFICIAL_TILE = 576
 OFFICIAL_OVERLAP = 0.2222
 OFFICIAL_CHUNK = 16
 
-#: Working memory of one piece on CPU. Measured (bench/bench_tiling.py): pieces this small keep
-#: every temporary under glibc's mmap threshold, so freed memory is reused instead of returned
-#: to the kernel and faulted in again, and they stay cache-friendly; larger ones spend a large
-#: share of the CPU time in page faults.
-CPU_PIECE_BYTES = 24 << 20
+#: Working memory of one piece on CPU. Measured (bench/bench_tiling.py, release-size vae3d, 17
+#: frames): pieces of 24 MB ran 2.5x slower (convolutions on small tiles and short chunks lose
+#: most of their efficiency); from about 128 MB on the CPU time levels off.
+CPU_PIECE_BYTES = 512 << 20
 #: Automatic pieces keep at least this many frames while tiles can still shrink.
 PREFERRED_MIN_FRAMES = 4
 #: Floors of the out-of-memory fallback.
