@@ -67,3 +67,8 @@ class InjectedFaultError(CVVAEError, RuntimeError):
 
 class DistributedRunError(CVVAEError, RuntimeError):
     """A rank of a ``--distributed`` (tiles across ranks) run failed; every rank stops with this."""
+
+
+class TrainingDataError(InputError):
+    """Training data that cannot be used: a missing folder or manifest, no usable video in it, or a
+    data source that fails clip after clip."""
