@@ -68,13 +68,15 @@ class DataConfig:
     frame_stride: int = 1              # take every n-th source frame ...
     fps: float | None = None           # ... or sample at this frame rate (a stride per video)
     resize: int | None = None          # shorter side before the crop; None = just cover the crop
-    workers: int = 2                   # DataLoader worker processes per rank (decoding)
+    workers: int | None = None         # DataLoader worker processes per rank; None: 2 for videos, 0 synthetic
 
     def __post_init__(self):
         from .training import TrainConfigError
 
         if self.videos is None and not self.synthetic:
             self.synthetic = True
+        if self.workers is None:
+            self.workers = 0 if self.synthetic else 2
         if self.synthetic and self.videos is not None:
             raise TrainConfigError("data: give either 'videos' (real clips) or 'synthetic': true, not both")
         if self.frame_stride < 1 or (self.fps is not None and self.fps <= 0):

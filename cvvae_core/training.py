@@ -366,8 +366,9 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.step_count = 0
         self.image_vae: ImageVAE | None = None
-        # Weights that initialisation leaves random (e.g. the temporal attention after inflation)
-        # come from the run's seed, not from whatever the global generator was left at.
+        # Weights that initialisation leaves random (e.g. the temporal attention after inflation,
+        # the discriminator) come from the run's seed, not from whatever the global generator was
+        # left at.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             if cfg.model == "image_vae":
@@ -378,21 +379,25 @@ class Trainer:
                 self.model = self._init_cvvae()
             if self.image_vae is not None:
                 self.image_vae = self.image_vae.to(self.device).requires_grad_(False).eval()
+            self.loss = VAELoss(cfg.loss, video=cfg.model == "cvvae").to(self.device)
         self.model = self.model.float().to(self.device).train().requires_grad_(True)
         # The EMA copy lives on rank 0 (the rank that saves); copied before any forward is wrapped.
         self.ema = (copy.deepcopy(self.model).requires_grad_(False).eval()
                     if cfg.ema_decay and rank == 0 else None)
         if cfg.activation_checkpointing:
             checkpoint_blocks(self.model)
-        self.loss = VAELoss(cfg.loss, video=cfg.model == "cvvae").to(self.device)
         self.runner = TrainStep(cfg, self.model, self.loss, self.image_vae)
         self.ddp = None
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            if self.loss.discriminator is not None:  # its own optimiser and backward: averaged by hand
-                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    self.runner, [f"loss.discriminator.{k}" for k in self.loss.discriminator.state_dict()])
+            # DDP averages what every step's backward reaches. Not: the discriminator (its own
+            # optimiser and backward, averaged by hand) and an unused image-decoder log-variance.
+            ignore = [f"loss.discriminator.{k}" for k in self.loss.discriminator.state_dict()] \
+                if self.loss.discriminator is not None else []
+            if cfg.model == "image_vae" or not cfg.loss.rec2d_weight:
+                ignore.append("loss.logvar_2d")
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.runner, ignore)
             self.ddp = DistributedDataParallel(self.runner, device_ids=[self.device.index]
                                                if self.device.type == "cuda" else None)
         params = list(self.model.parameters()) + [p for p in (self.loss.logvar, self.loss.logvar_2d) if p.requires_grad]
@@ -451,7 +456,7 @@ class Trainer:
                 loss, logs, x_hat = run(x, mb["seed"], self.step_count)
                 (loss / len(micro)).backward()
             if disc_on:
-                d_loss = self.loss.discriminator_loss(x, x_hat)
+                d_loss = self.loss.discriminator_loss(frames_of(x) if x_hat.dim() == 4 else x, x_hat)
                 (d_loss / len(micro)).backward()
                 logs["d_loss"] = float(d_loss.detach())
             for k, v in logs.items():

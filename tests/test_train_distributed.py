@@ -78,16 +78,18 @@ def assert_same_run(a: Path, b: Path, steps: int):
     assert sa["step"] == sb["step"] == steps
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == steps and la == pytest.approx(lb, rel=1e-4)
-    for k, w in sa["model"].items():
+    for part in ("model", "ema", "loss"):   # the loss holds the learned log-variances
+        assert_same_weights(sa[part], sb[part])
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k, w in a.items():
         if KEY_BIAS.search(k):
             # An attention key bias adds the same logit to every key of a query: softmax ignores it,
             # its gradient is 0 up to rounding, and Adam turns that rounding into lr-sized steps.
             continue
-        torch.testing.assert_close(w, sb["model"][k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
-    for k in sa["ema"]:
-        if not KEY_BIAS.search(k):
-                torch.testing.assert_close(sa["ema"][k], sb["ema"][k], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(sa["loss"]["logvar"], sb["loss"]["logvar"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w, b[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
 def test_two_ranks_equal_one_process_and_resume_on_one_rank(setup, tmp_path):
@@ -113,6 +115,21 @@ def test_two_ranks_equal_one_process_and_resume_on_one_rank(setup, tmp_path):
     model = cvvae_core.load_model(tmp_path / "ddp" / "checkpoint_ema")
     torch.testing.assert_close(model.state_dict()["encoder.conv_in.weight"],
                                state(tmp_path / "ddp")["ema"]["encoder.conv_in.weight"])
+
+
+def test_image_vae_with_adversarial_loss_on_two_ranks(setup, tmp_path):
+    """The other parameter sets DDP must leave alone: the discriminator (own optimiser, gradients
+    averaged by hand) and the log-variance an image VAE run never uses."""
+    cfg = dict(model="image_vae", image_vae=None, frames=2, batch_size=1, ema_decay=0.0,
+               image_vae_config=IMAGE_CFG, data={"synthetic": True},
+               loss={"adversarial_weight": 0.1, "kl_weight": 1e-6})
+    torchrun_ranks(config(setup, tmp_path / "ddp", **cfg), tmp_path / "ddp.json")
+    train(TrainConfig(**config(setup, tmp_path / "one", **{**cfg, "batch_size": 2})), device="cpu")
+    a, b = state(tmp_path / "ddp"), state(tmp_path / "one")
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    for part in ("model", "loss"):   # the loss holds the discriminator
+        assert_same_weights(a[part], b[part])
+    assert any(k.startswith("discriminator.") for k in a["loss"])
 
 
 def test_activation_checkpointing_changes_no_gradient(setup, tmp_path):
