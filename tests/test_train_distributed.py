@@ -117,14 +117,16 @@ def test_two_ranks_equal_one_process_and_resume_on_one_rank(setup, tmp_path):
                                state(tmp_path / "ddp")["ema"]["encoder.conv_in.weight"])
 
 
-def test_image_vae_with_adversarial_loss_on_two_ranks(setup, tmp_path):
-    """The other parameter sets DDP must leave alone: the discriminator (own optimiser, gradients
+def test_image_vae_with_adversarial_loss_and_accumulation_on_two_ranks(setup, tmp_path):
+    """2 ranks x batch 1 x 2 accumulation steps (DDP's no_sync on the first) is 1 rank x batch 4,
+    with the parameters DDP must leave alone: the discriminator (own optimiser, gradients
     averaged by hand) and the log-variance an image VAE run never uses."""
-    cfg = dict(model="image_vae", image_vae=None, frames=2, batch_size=1, ema_decay=0.0,
+    cfg = dict(model="image_vae", image_vae=None, frames=2, batch_size=1, grad_accum=2, ema_decay=0.0,
                image_vae_config=IMAGE_CFG, data={"synthetic": True},
                loss={"adversarial_weight": 0.1, "kl_weight": 1e-6})
-    torchrun_ranks(config(setup, tmp_path / "ddp", **cfg), tmp_path / "ddp.json")
-    train(TrainConfig(**config(setup, tmp_path / "one", **{**cfg, "batch_size": 2})), device="cpu")
+    logs = torchrun_ranks(config(setup, tmp_path / "ddp", **cfg), tmp_path / "ddp.json")
+    assert "global batch 1 x 2 ranks x 2 accumulation = 4 clips" in logs[0]
+    train(TrainConfig(**config(setup, tmp_path / "one", **{**cfg, "batch_size": 4, "grad_accum": 1})), device="cpu")
     a, b = state(tmp_path / "ddp"), state(tmp_path / "one")
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     for part in ("model", "loss"):   # the loss holds the discriminator
