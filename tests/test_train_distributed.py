@@ -34,11 +34,12 @@ def setup(tmp_path_factory):
     return root, ivae
 
 
-def config(setup, out, **kw) -> dict:
+def config(setup, out, workers=0, **kw) -> dict:
+    """A tiny run on the test videos (``workers`` decoding processes; the clips do not depend on it)."""
     root, ivae = setup
     base = dict(model="cvvae", out_dir=str(out), image_vae=ivae, steps=2, batch_size=2, frames=5, height=16,
                 width=16, lr=1e-3, warmup_steps=1, log_every=1, save_every=100, seed=3, ema_decay=0.5,
-                data={"videos": str(root / "videos"), "frame_stride": 2, "workers": 1})
+                data={"videos": str(root / "videos"), "frame_stride": 2, "workers": workers})
     return {**base, **kw}
 
 
@@ -94,7 +95,7 @@ def assert_same_weights(a: dict, b: dict):
 
 def test_two_ranks_equal_one_process_and_resume_on_one_rank(setup, tmp_path):
     root, _ = setup
-    logs = torchrun_ranks(config(setup, tmp_path / "ddp", batch_size=1), tmp_path / "ddp.json")
+    logs = torchrun_ranks(config(setup, tmp_path / "ddp", workers=1, batch_size=1), tmp_path / "ddp.json")
     assert "global batch 1 x 2 ranks x 1 accumulation = 2 clips" in logs[0]
     assert not (tmp_path / "ddp_rank1").exists() and "saved to" not in logs[1]   # rank 0 alone writes
     train(TrainConfig(**config(setup, tmp_path / "one")), device="cpu")
