@@ -139,6 +139,14 @@ def _number(value, what: str, where: str):
         raise TrainingDataError(f"{where}: {what} must be a number, got {value!r}") from None
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def list_sources(spec: str) -> tuple[list[Source], list[dict]]:
     """(sources, problems): the videos a folder or manifest names, sorted by name; ``problems``
     are manifest lines that point nowhere (to be logged and skipped)."""
@@ -173,11 +181,14 @@ def list_sources(spec: str) -> tuple[list[Source], list[dict]]:
         rows = [(n, row) for n, row in enumerate(reader, 2)]
     else:
         for n, line in enumerate(text.splitlines(), 1):
-            parts = line.split()
-            if parts and not parts[0].startswith("#"):
-                if len(parts) > 3:  # a path with spaces: start/end are the last two numbers, if any
-                    parts = [" ".join(parts[:-2]), *parts[-2:]]
-                rows.append((n, dict(zip(("path", "start", "end"), parts))))
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            head, *times = line.rsplit(maxsplit=2)
+            if len(times) == 2 and all(_is_number(t) for t in times):   # "PATH START END"
+                rows.append((n, {"path": head, "start": times[0], "end": times[1]}))
+            else:                                                       # a path (spaces allowed)
+                rows.append((n, {"path": line}))
     sources, problems = [], []
     for n, row in rows:
         where = f"{spec} line {n}"

@@ -61,9 +61,10 @@ def run_config(image_vae_file, out, data, **kw):
 def test_sources_from_a_folder_and_each_manifest_kind(videos, tmp_path):
     srcs, problems = list_sources(str(videos))
     assert [s.name for s in srcs] == ["a.mp4", "sub/b.mp4"] and problems == []
-    (tmp_path / "list.txt").write_text(f"# comment\n{videos}/a.mp4 0.5 1.0\nnowhere.mp4\n\n")
+    (tmp_path / "list.txt").write_text(f"# comment\n{videos}/a.mp4 0.5 1.0\nno where 2.mp4\n\n")
     srcs, problems = list_sources(str(tmp_path / "list.txt"))
     assert [(s.start, s.end) for s in srcs] == [(0.5, 1.0)]
+    assert problems[0]["path"] == "no where 2.mp4"   # spaces in a path; not "start, end"
     assert "line 3" in problems[0]["reason"] and "does not exist" in problems[0]["reason"]
     (tmp_path / "list.csv").write_text(f"path,start_frame,end_frame\n{videos}/a.mp4,4,20\n")
     (src,), _ = list_sources(str(tmp_path / "list.csv"))
