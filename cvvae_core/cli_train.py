@@ -1,4 +1,4 @@
-"""Subcommands ``train``, ``inflate``, ``compat`` and ``demo`` of ``python -m cvvae_core``.
+"""Subcommands ``train``, ``plot``, ``inflate``, ``compat`` and ``demo`` of ``python -m cvvae_core``.
 
 ``register(subparsers)`` adds them to the main parser; each sets ``func(args) -> int``.
 """
@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 
 from .cli import device_name, int_at_least, resolve_device
+from .errors import CVVAEError
 
 #: The compatibility measure and the demo need at least one latent step: 1+4k frames, k >= 1.
 MIN_CLIP_FRAMES = 5
@@ -27,7 +30,8 @@ def clip_spec(text: str) -> str:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train an image VAE or a CV-VAE (latent regularization) from a JSON config")
+    p = subparsers.add_parser("train", help="train an image VAE or a CV-VAE (latent regularization) from a JSON config; "
+                                            "under torchrun: data-parallel over the ranks")
     p.add_argument("config", help="training config (.json), e.g. cvvae_core/train_configs/builtin_cvvae.json")
     p.add_argument("--out", help="output folder (overrides out_dir)")
     p.add_argument("--steps", type=int_at_least(1), help="total steps (overrides steps)")
@@ -35,6 +39,11 @@ def register(subparsers) -> None:
     p.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--restart", action="store_true", help="ignore an existing training_state.pt in the output folder")
     p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("plot", help="draw a training run's loss and validation curves (RUN_DIR/curves.png)")
+    p.add_argument("run_dir", help="the run's output folder (holds log.jsonl)")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = subparsers.add_parser("inflate", help="initialise a CV-VAE from an SD-family image VAE (2-D -> 3-D)")
     p.add_argument("image_vae", help="image VAE .safetensors in the LDM layout (prefix first_stage_model./vae. ok), "
@@ -74,8 +83,29 @@ def cmd_train(args) -> int:
         cfg.steps = args.steps
     if args.image_vae:
         cfg.image_vae = args.image_vae
-    out = train(cfg, device=resolve_device(args.device) if args.device else None, resume=not args.restart)
-    print(f"saved to {out}")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        out = train(cfg, device=resolve_device(args.device) if args.device else None, resume=not args.restart)
+        print(f"saved to {out}")
+        return 0
+    # A rank of a torchrun group: the group is joined in train(). Exit without tearing it down:
+    # gloo (torch 2.13) can abort with SIGABRT at teardown while a peer exits.
+    code = 0
+    try:
+        out = train(cfg, device=resolve_device(args.device) if args.device else None, resume=not args.restart)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"saved to {out}")
+    except CVVAEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
 
 

@@ -71,3 +71,8 @@ class DistributedRunError(CVVAEError, RuntimeError):
 
 class UnsupportedLayerError(CVVAEError, TypeError):
     """A model layer the streaming engine has no handler for (raised when its program is built)."""
+
+
+class TrainingDataError(InputError):
+    """Training data that cannot be used: a missing folder or manifest, no usable video in it, or a
+    data source that fails clip after clip."""

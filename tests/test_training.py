@@ -46,9 +46,10 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(image_vae_file, tmp_path):
     frozen = {k: v.clone() for k, v in trainer.image_vae.state_dict().items()}
 
     def loss_now():
-        # Same posterior noise and same random target frames before and after the step.
+        # Same posterior noise and same random target frames before and after the step: both are
+        # drawn from the clip's seed and the step number.
         with torch.no_grad():
-            loss, logs, _ = trainer.compute_loss(x, torch.Generator().manual_seed(123))
+            loss, logs, _ = trainer.compute_loss(x, step=0)
         return float(loss), logs
 
     before, logs = loss_now()
@@ -65,10 +66,11 @@ def test_regularization_term_reaches_the_encoder(image_vae_file, tmp_path):
     """With only the image-decoder term, the encoder still gets gradient: the video latent is what
     the regularization shapes. Without it (rec2d_weight 0) the term is absent from the loss."""
     trainer = Trainer(cvvae_config(image_vae_file, tmp_path, rec2d_weight=1.0), device="cpu")
-    x = trainer.batch(0)
-    _, logs_on, _ = trainer.compute_loss(x, torch.Generator().manual_seed(1))
+    batch = trainer.batch(0)
+    _, logs_on, _ = trainer.compute_loss(batch)
     off = Trainer(cvvae_config(image_vae_file, tmp_path, rec2d_weight=0.0), device="cpu")
-    _, logs_off, _ = off.compute_loss(x, torch.Generator().manual_seed(1))
+    _, logs_off, _ = off.compute_loss(batch)
+    x = batch["video"]
     assert "rec2d_l1" in logs_on and "rec2d_l1" not in logs_off
     trainer.model.zero_grad()
     gen = torch.Generator().manual_seed(1)
