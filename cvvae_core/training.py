@@ -297,15 +297,16 @@ def sample_noise(shape, seeds: list[int], salt: str) -> torch.Tensor:
 
 
 def checkpoint_blocks(model: nn.Module) -> int:
-    """Activation checkpointing: the resnet and mid blocks of ``model`` recompute their activations
-    in the backward pass instead of keeping them (memory for compute). Wraps the blocks' forward
-    from outside, so the model's code and state dict are untouched. Returns the count wrapped."""
+    """Activation checkpointing: the resnet blocks, attention blocks and 2-D mid blocks of ``model``
+    recompute their activations in the backward pass instead of keeping them (memory for compute).
+    Wraps the blocks' forward from outside, so the model's code and state dict are untouched.
+    Returns the count wrapped."""
     from torch.utils.checkpoint import checkpoint
 
     from .image_vae import MidBlock2D, ResnetBlock2D
-    from .layers import MidBlock, ResnetBlock
+    from .layers import ResnetBlock, SpatialAttention
 
-    kinds = (ResnetBlock, MidBlock, ResnetBlock2D, MidBlock2D)
+    kinds = (ResnetBlock, SpatialAttention, ResnetBlock2D, MidBlock2D)
     wrapped = []
     for module in model.modules():
         if isinstance(module, kinds) and not any(module in set(w.modules()) for w in wrapped):
