@@ -12,8 +12,8 @@ CPU/system time belong to that mode alone. Modes:
   seamless-chunkN   the seamless engine with N-frame chunks forced
   seamless-auto     the seamless engine with its automatic plan (the default)
 Columns: seconds, frames/s, throughput relative to official, user and system CPU seconds of the
-pass, the system share of its CPU time, its minor page faults, the child's peak RSS (model and
-input included) or max_memory_allocated (CUDA), and
+pass, the system share of its CPU time, its minor page faults, the child's peak RSS (VmHWM: model
+and input included) or max_memory_allocated (CUDA), and
 PSNR against the untiled float32 model: decode outputs directly (peak-to-peak 2), encode outputs
 as latents (peak-to-peak of the untiled latent) and through the untiled float32 decoder.
 ``random-sd`` / ``random-sd3``: release-size vae3d / vae3d_sd3 with seeded random weights.
@@ -102,8 +102,11 @@ def child(args):
     after = resource.getrusage(resource.RUSAGE_SELF)  # the pass alone, not the process start
     torch.save(y.float().cpu(), args.output)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # VmHWM, not ru_maxrss: the latter starts at the parent's RSS when the child is forked
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
     print(json.dumps({"seconds": seconds, "cuda_peak": peak, "user": after.ru_utime - before.ru_utime,
-                      "sys": after.ru_stime - before.ru_stime, "minflt": after.ru_minflt - before.ru_minflt}))
+                      "sys": after.ru_stime - before.ru_stime, "minflt": after.ru_minflt - before.ru_minflt,
+                      "peak_rss_kib": hwm}))
 
 
 def run_child(args, mode: str, direction: str, inp: Path, out: Path, dtype: str) -> dict:
@@ -111,7 +114,7 @@ def run_child(args, mode: str, direction: str, inp: Path, out: Path, dtype: str)
            "--output", str(out), "--model", args.model, "--device", args.device, "--dtype", dtype,
            "--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     result = json.loads(proc.stdout.read().strip().splitlines()[-1]) if os.waitstatus_to_exitcode(status) == 0 else {}
     proc.stdout.close()
     if not result:
@@ -119,7 +122,7 @@ def run_child(args, mode: str, direction: str, inp: Path, out: Path, dtype: str)
     cpu = result["user"] + result["sys"]
     return {"mode": mode, "seconds": result["seconds"], "user": result["user"], "sys": result["sys"],
             "sys_share": result["sys"] / cpu if cpu else 0.0, "minflt": result["minflt"],
-            "peak_rss_mib": usage.ru_maxrss / 1024, "cuda_peak_gib": (result["cuda_peak"] or 0) / 2**30}
+            "peak_rss_mib": result["peak_rss_kib"] / 1024, "cuda_peak_gib": (result["cuda_peak"] or 0) / 2**30}
 
 
 def psnr(a: torch.Tensor, ref: torch.Tensor, peak: float) -> float:
