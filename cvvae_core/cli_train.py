@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .cli import device_name, int_at_least, resolve_device
-from .config import IMAGE_FAMILIES
+from .config import IMAGE_FAMILIES, family_of
 from .errors import UnknownImageFamilyError
 
 FAMILY_HELP = ("the image VAE's family, for its latent scale/shift: needed for an SDXL or FLUX.1 VAE file without "
@@ -113,6 +113,10 @@ def cmd_inflate(args) -> int:
     cfg = image_vae.config
     print(f"image VAE: {cfg.latent_channels} latent channels, widths {list(cfg.level_channels)}, "
           f"{'with' if cfg.quant_conv else 'no'} quant convs; family {image_family(cfg)}")
+    same_shapes = {"sd1": "sdxl", "sd3": "flux"}.get(family_of(cfg.scaling_factor, cfg.shift_factor))
+    if args.family is None and same_shapes:
+        print(f"  (a {IMAGE_FAMILIES[same_shapes].description} has the same shapes: if it is one, "
+              f"pass --family {same_shapes})")
     model = inflate(image_vae, default_calibration_latents(image_vae))
     out = save_model(model, args.out)
     frames = generate_batch(123, 4, SyntheticConfig(frames=1)).squeeze(2)
