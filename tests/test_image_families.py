@@ -115,6 +115,10 @@ def test_family_load_inflate_and_metadata_round_trip(tmp_path, family, channels,
     for out in (tmp_path / "cvvae.safetensors", tmp_path / "release"):
         back = cvvae_core.load_model(cvvae_core.save_model(model, out))
         assert (back.scaling_factor, back.shift_factor) == (expected.scaling_factor, expected.shift_factor)
+        if out.suffix != ".safetensors":   # config.json says it too, where the official one has room for it
+            written = json.loads((out / "config.json").read_text())
+            assert (written["scaling_factor"], written.get("shift_factor", 0.0)) == (back.scaling_factor,
+                                                                                      back.shift_factor)
         assert back.config.latent_space.startswith({"sd1": "SD latent", "sdxl": "SDXL", "sd3": "SD3",
                                                     "flux": "FLUX.1"}[family]), back.config.latent_space
 
