@@ -4,7 +4,7 @@
     python bench/bench_compat.py --noreg runs/cvvae_noreg/checkpoint   # + the no-regularization ablation
     python bench/bench_compat.py --videos ../shared/data/videos     # + windows cut from real clips
 
-The ablation's weights do not ship; make them with (CPU, 1 thread, about 15 min):
+The ablation's weights do not ship; make them with (CPU, 1 thread: about 14 min on an idle 2-core CPU):
 
     python -m cvvae_core train cvvae_core/train_configs/builtin_cvvae_noreg.json --out runs/cvvae_noreg
 
