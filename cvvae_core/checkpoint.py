@@ -385,6 +385,8 @@ def official_config_json(cfg: CVVAEConfig) -> dict:
                 "z_channels": cfg.latent_channels, "out_ch": cfg.in_channels, "attn_resolutions": [],
                 "use_3d_conv": True, "encoder_attn_type": "vanilla-xformers",
                 "decoder_attn_type": "spatial-temporal-xformer", "scaling_factor": cfg.scaling_factor}
+        if cfg.shift_factor:  # a FLUX.1 or SD3 latent space: not in the official config, read back by the loader
+            arch["shift_factor"] = cfg.shift_factor
     else:
         arch = {"out_channels": cfg.latent_channels, "block_out_channels": list(cfg.level_channels),
                 "down_block_types": ["DownEncoderBlock3D"] * cfg.num_levels,

@@ -13,7 +13,12 @@ from pathlib import Path
 import torch
 
 from .cli import device_name, int_at_least, resolve_device
-from .errors import CVVAEError
+from .config import IMAGE_FAMILIES, family_of
+from .errors import CVVAEError, UnknownImageFamilyError
+
+FAMILY_HELP = ("the image VAE's family, for its latent scale/shift: needed for an SDXL or FLUX.1 VAE file without "
+               "a config (their shapes are those of SD1.x and SD3); default: from the file, else sd1 for 4 "
+               "latent channels and sd3 for 16")
 
 #: The compatibility measure and the demo need at least one latent step: 1+4k frames, k >= 1.
 MIN_CLIP_FRAMES = 5
@@ -36,6 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="output folder (overrides out_dir)")
     p.add_argument("--steps", type=int_at_least(1), help="total steps (overrides steps)")
     p.add_argument("--image-vae", help="frozen image VAE .safetensors (overrides image_vae)")
+    p.add_argument("--family", choices=sorted(IMAGE_FAMILIES), help=FAMILY_HELP + " (overrides image_vae_family)")
     p.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--restart", action="store_true", help="ignore an existing training_state.pt in the output folder")
     p.set_defaults(func=cmd_train)
@@ -46,9 +52,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_plot)
 
     p = subparsers.add_parser("inflate", help="initialise a CV-VAE from an SD-family image VAE (2-D -> 3-D)")
-    p.add_argument("image_vae", help="image VAE .safetensors in the LDM layout (prefix first_stage_model./vae. ok), "
-                                     "or 'builtin' for the built-in image VAE")
+    p.add_argument("image_vae", help="image VAE: .safetensors in the LDM layout (prefix first_stage_model./vae. ok) "
+                                     "or the diffusers layout, a diffusers VAE folder, or 'builtin'")
     p.add_argument("out", help="output: a .safetensors file or a release folder")
+    p.add_argument("--family", choices=sorted(IMAGE_FAMILIES), help=FAMILY_HELP)
     p.set_defaults(func=cmd_inflate)
 
     p = subparsers.add_parser("compat", help="the paper's compatibility measure (image decoder on the video latent)")
@@ -83,6 +90,8 @@ def cmd_train(args) -> int:
         cfg.steps = args.steps
     if args.image_vae:
         cfg.image_vae = args.image_vae
+    if args.family:
+        cfg.image_vae_family = args.family
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         out = train(cfg, device=resolve_device(args.device) if args.device else None, resume=not args.restart)
         print(f"saved to {out}")
@@ -109,7 +118,7 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def load_image_vae_arg(spec: str, device=None):
+def load_image_vae_arg(spec: str, device=None, family: str | None = None):
     """The image VAE named on the command line: 'builtin' (the built-in image VAE, whose latent
     space the built-in CV-VAE shares) or a file; a CV-VAE file is refused with what to give."""
     from .builtin import load_builtin_image_vae
@@ -117,20 +126,31 @@ def load_image_vae_arg(spec: str, device=None):
 
     if spec == "builtin":
         return load_builtin_image_vae(device)
-    return load_image_vae(spec, device)
+    return load_image_vae(spec, device, family=family)
 
 
 def cmd_inflate(args) -> int:
     from .checkpoint import save_model
+    from .image_vae import image_family
     from .inflate import default_calibration_latents, inflate, single_frame_gap
     from .synthetic import SyntheticConfig, generate_batch
 
-    image_vae = load_image_vae_arg(args.image_vae)
+    if args.family and args.image_vae == "builtin":
+        raise UnknownImageFamilyError("--family is for an image VAE file; the built-in image VAE has its own "
+                                      "latent space (drop --family)")
+    image_vae = load_image_vae_arg(args.image_vae, family=args.family)
+    cfg = image_vae.config
+    print(f"image VAE: {cfg.latent_channels} latent channels, widths {list(cfg.level_channels)}, "
+          f"{'with' if cfg.quant_conv else 'no'} quant convs; family {image_family(cfg)}")
+    same_shapes = {"sd1": "sdxl", "sd3": "flux"}.get(family_of(cfg.scaling_factor, cfg.shift_factor))
+    if args.family is None and same_shapes:
+        print(f"  (a {IMAGE_FAMILIES[same_shapes].description} has the same shapes: if it is one, "
+              f"pass --family {same_shapes})")
     model = inflate(image_vae, default_calibration_latents(image_vae))
     out = save_model(model, args.out)
     frames = generate_batch(123, 4, SyntheticConfig(frames=1)).squeeze(2)
     gap = single_frame_gap(model, image_vae, frames)
-    print(f"wrote {out}")
+    print(f"wrote {out} (latent scale/shift recorded in its metadata: {model.config.latent_space})")
     print(f"single frame vs the image VAE: latent max |diff| {gap['latent_max_abs']:.2e} "
           f"(latent max |z| {gap['latent_scale']:.2f}); reconstruction PSNR {gap['recon_psnr_vs_image_vae']:.2f} dB")
     return 0

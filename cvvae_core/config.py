@@ -5,9 +5,40 @@ import dataclasses
 from dataclasses import dataclass
 
 VARIANTS = ("sd", "sd3")
+
+
+@dataclass(frozen=True)
+class ImageFamily:
+    """An SD-family image VAE whose latent space a CV-VAE can share: latent channels and the
+    (scale, shift) that diffusion models apply to its latents, ``(z - shift) * scale``."""
+
+    name: str
+    description: str
+    latent_channels: int
+    scaling_factor: float
+    shift_factor: float = 0.0
+
+
+#: The families ``inflate`` and training know (values: the diffusers AutoencoderKL configs of
+#: each model's ``vae/`` folder). Shapes tell 4 from 16 latent channels, never SD1.x from SDXL or
+#: SD3 from FLUX.1: those pairs have the same architecture and differ only in their weights.
+IMAGE_FAMILIES: dict[str, ImageFamily] = {f.name: f for f in (
+    ImageFamily("sd1", "SD1.x/2.x image VAE", 4, 0.18215),
+    ImageFamily("sdxl", "SDXL image VAE", 4, 0.13025),
+    ImageFamily("sd3", "SD3/SD3.5 image VAE", 16, 1.5305, 0.0609),
+    ImageFamily("flux", "FLUX.1 image VAE", 16, 0.3611, 0.1159),
+)}
+#: The family assumed from the latent channel count alone, when nothing else says which one.
+DEFAULT_FAMILY = {4: "sd1", 16: "sd3"}
+
+
+def family_scaling(name: str) -> tuple[float, float]:
+    return IMAGE_FAMILIES[name].scaling_factor, IMAGE_FAMILIES[name].shift_factor
+
+
 # (scale, shift) of the image VAE whose latent space each variant shares: SD's 0.18215 (the
 # official config's scaling_factor) and SD3's own VAE values, which the CV-VAE code never stores.
-IMAGE_LATENT_SCALING = {"sd": (0.18215, 0.0), "sd3": (1.5305, 0.0609)}
+IMAGE_LATENT_SCALING = {"sd": family_scaling("sd1"), "sd3": family_scaling("sd3")}
 # The built-in image VAE's own (scale, shift) (cvvae_core/weights/builtin_image_vae.safetensors;
 # a test checks that the file agrees); the built-in CV-VAE, trained against it, carries them too.
 BUILTIN_IMAGE_LATENT_SCALING = (0.36133, 0.0)
@@ -16,8 +47,15 @@ BUILTIN_IMAGE_LATENT_SCALING = (0.36133, 0.0)
 LATENT_SPACES = {
     IMAGE_LATENT_SCALING["sd"]: "SD latent space (SD1.x/2.x image VAE, SVD; releases vae3d / vae3d_v1-1)",
     IMAGE_LATENT_SCALING["sd3"]: "SD3 latent space (SD3 image VAE; release vae3d_sd3)",
+    family_scaling("sdxl"): "SDXL latent space (SDXL image VAE)",
+    family_scaling("flux"): "FLUX.1 latent space (FLUX.1 image VAE)",
     BUILTIN_IMAGE_LATENT_SCALING: "the built-in image VAE's latent space (builtin_image_vae.safetensors), not SD's",
 }
+
+
+def family_of(scaling_factor: float, shift_factor: float) -> str | None:
+    """The name of the family with this latent (scale, shift), or None."""
+    return next((name for name in IMAGE_FAMILIES if family_scaling(name) == (scaling_factor, shift_factor)), None)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,11 @@ class CheckpointKeyError(CheckpointError):
     """Missing, unexpected or mis-shaped keys for the detected CV-VAE variant."""
 
 
+class UnknownImageFamilyError(CheckpointError, ValueError):
+    """An image VAE whose latent space (channels, scale/shift) is none of the known SD families,
+    or a ``family`` that does not fit the file."""
+
+
 class InputError(CVVAEError, ValueError):
     """A video or latent tensor that the model cannot take as it is."""
 

@@ -1,11 +1,18 @@
-"""An SD-family image VAE (LDM ``AutoencoderKL``) in the LDM key layout.
+"""An SD-family image VAE (``AutoencoderKL``): SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, or the built-in one.
 
 This is the 2-D model whose latent space a CV-VAE shares: its frozen decoder is the target of
 the latent regularization (:mod:`cvvae_core.training`) and its weights initialise the video VAE
 (:mod:`cvvae_core.inflate`). Module names are the LDM/ComfyUI ones (``encoder.down.{i}.block.{j}``,
-``decoder.up.{i}...``, ``quant_conv``), so real SD VAE files load as they are, with or without a
-``first_stage_model.`` / ``vae.`` prefix. SD3/Flux-style VAEs, and the small built-in one, have no
+``decoder.up.{i}...``, ``quant_conv``). :func:`load_image_vae` reads files in that layout (with or
+without a ``first_stage_model.`` / ``vae.`` prefix) and in the diffusers layout
+(``encoder.down_blocks.{i}.resnets.{j}``, ``mid_block.attentions.0.to_q``, ``conv_norm_out``),
+converting the latter on load. SD3/FLUX VAEs, and the small built-in one, have no
 ``quant_conv``/``post_quant_conv``.
+
+Family (which latent scale/shift a diffusion model applies): from an explicit ``family``, else
+from the file (this project's metadata, or a diffusers ``config.json`` next to it), else from the
+latent channels alone (4: SD1.x/2.x, 16: SD3). SD1.x and SDXL VAEs have the same shapes, and so
+have SD3 and FLUX.1 VAEs: an SDXL or FLUX.1 VAE file without a config needs ``family``.
 """
 from __future__ import annotations
 
@@ -21,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import WEIGHTS_NAME, read_safetensors, write_safetensors
-from .errors import CheckpointKeyError, CheckpointNotFoundError, ForeignCheckpointError
+from .config import DEFAULT_FAMILY, IMAGE_FAMILIES, family_of
+from .errors import (CheckpointCorruptError, CheckpointKeyError, CheckpointNotFoundError, ForeignCheckpointError,
+                     UnknownImageFamilyError)
 
 PREFIXES = ("first_stage_model.", "vae.", "")
 
@@ -243,26 +252,83 @@ def strip_vae_prefix(sd: dict) -> dict:
     for prefix in PREFIXES:
         if f"{prefix}encoder.conv_in.weight" in sd and f"{prefix}decoder.conv_out.weight" in sd:
             return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if any(k.endswith("encoder.down_blocks.0.resnets.0.conv1.weight") for k in sd):
-        raise CheckpointKeyError("this is a diffusers-layout image VAE (down_blocks/resnets); convert it to the "
-                                 "LDM layout (e.g. the VAE file ComfyUI uses) and try again")
-    raise CheckpointKeyError("no LDM-layout image VAE found (expected encoder.conv_in.weight and "
-                             "decoder.conv_out.weight, optionally under first_stage_model. or vae.); "
-                             "pass an SD-family VAE .safetensors file")
+    raise ForeignCheckpointError(
+        "no image VAE found (expected encoder.conv_in.weight and decoder.conv_out.weight, optionally under "
+        "first_stage_model. or vae.; keys look like: " + ", ".join(sorted(sd)[:4]) + "); pass an SD-family VAE "
+        ".safetensors file (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1) in the LDM or diffusers layout")
 
 
-def detect_image_config(sd: dict, hints: dict | None = None) -> ImageVAEConfig:
-    """Architecture from tensor shapes; ``hints`` (the file's ``image_vae_config`` metadata) fills
-    what shapes cannot tell (GroupNorm groups, scaling factor)."""
+# diffusers AutoencoderKL name -> LDM name; {up} is the LDM level of a decoder up block (diffusers
+# counts up blocks from the top). Attention: new (to_q ...) and old (query ...) diffusers names.
+_DIFFUSERS_RULES = [
+    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.up.{up}.block.\2."),
+    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.{up}.upsample."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.(group_norm)\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.(to_q|query)\.", ".mid.attn_1.q."),
+    (r"\.mid_block\.attentions\.0\.(to_k|key)\.", ".mid.attn_1.k."),
+    (r"\.mid_block\.attentions\.0\.(to_v|value)\.", ".mid.attn_1.v."),
+    (r"\.mid_block\.attentions\.0\.(to_out\.0|proj_attn)\.", ".mid.attn_1.proj_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+]
+
+
+def is_diffusers_layout(sd: dict) -> bool:
+    return "encoder.down_blocks.0.resnets.0.conv1.weight" in sd
+
+
+def from_diffusers_layout(sd: dict) -> dict:
+    """A diffusers ``AutoencoderKL`` state dict renamed to the LDM layout; the attention
+    projections (``nn.Linear`` there, 1x1 convolutions here) get their two unit dimensions."""
+    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k)))
+    out = {}
+    for key, value in sd.items():
+        name = key
+        for pattern, repl in _DIFFUSERS_RULES:
+            m = re.search(pattern, name)
+            if m:
+                up = levels - 1 - int(m.group(1)) if "{up}" in repl else None
+                name = re.sub(pattern, repl.replace("{up}", str(up)), name)
+        if ".mid.attn_1." in name and name.endswith(".weight") and value.dim() == 2:
+            value = value[:, :, None, None]
+        out[name] = value
+    return out
+
+
+def detect_image_config(sd: dict, hints: dict | None = None, family: str | None = None) -> ImageVAEConfig:
+    """Architecture from tensor shapes (LDM layout); ``hints`` (the file's ``image_vae_config``
+    metadata, or its diffusers ``config.json``) fill what shapes cannot tell (GroupNorm groups,
+    scale/shift); ``family`` (a name of :data:`~cvvae_core.config.IMAGE_FAMILIES`) sets the latent
+    scale/shift and overrides the hints'. See the module docstring for how the family is chosen."""
     levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
     blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
     base = sd["encoder.conv_in.weight"].shape[0]
     mult = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in range(levels))
+    latent = sd["decoder.conv_in.weight"].shape[1]
     d = dict(hints or {})
-    d.update(latent_channels=sd["decoder.conv_in.weight"].shape[1], in_channels=sd["encoder.conv_in.weight"].shape[1],
+    d.update(latent_channels=latent, in_channels=sd["encoder.conv_in.weight"].shape[1],
              base_channels=base, channel_mult=mult, blocks_per_level=blocks, quant_conv="quant_conv.weight" in sd)
-    if "scaling_factor" not in d and d["latent_channels"] == 16:
-        d.update(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE
+    if family is None and "scaling_factor" not in d:
+        family = DEFAULT_FAMILY.get(latent)
+        if family is None:
+            raise UnknownImageFamilyError(
+                f"this image VAE has {latent} latent channels and no latent scale/shift in its metadata: it is "
+                f"none of the families CV-VAE can share a latent space with ({_family_list()}). For an SD-family "
+                "VAE of your own, save it with save_image_vae (its metadata then carries scale/shift) or put its "
+                "diffusers config.json (scaling_factor, shift_factor) next to it")
+    if family is not None:
+        known = IMAGE_FAMILIES.get(family)
+        if known is None:
+            raise UnknownImageFamilyError(f"unknown image VAE family {family!r}; known: {_family_list()}")
+        if known.latent_channels != latent:
+            raise UnknownImageFamilyError(
+                f"family {family!r} ({known.description}) has {known.latent_channels} latent channels, this image "
+                f"VAE has {latent}; pick one of: {_family_list(latent)}")
+        d.update(scaling_factor=known.scaling_factor, shift_factor=known.shift_factor)
     try:
         return ImageVAEConfig.from_dict(d)
     except ValueError as e:
@@ -270,36 +336,77 @@ def detect_image_config(sd: dict, hints: dict | None = None) -> ImageVAEConfig:
                                  "32-group GroupNorm needs its 'image_vae_config' metadata (save_image_vae writes it)")
 
 
-_GIVE_AN_IMAGE_VAE = ("Give an SD-family image VAE .safetensors (e.g. an SD1.x/2.x VAE), or 'builtin' for the "
-                      "built-in image VAE; a CV-VAE file goes where a CV-VAE is asked for (info, reconstruct, the "
-                      "first argument of compat).")
+def _family_list(latent_channels: int | None = None) -> str:
+    return ", ".join(f"{f.name} ({f.description}, {f.latent_channels} channels)" for f in IMAGE_FAMILIES.values()
+                     if latent_channels in (None, f.latent_channels)) or "none"
 
 
-def load_image_vae(path, device=None, dtype=torch.float32) -> ImageVAE:
-    """Load an LDM-layout image VAE from ``.safetensors`` (frozen, eval mode). A CV-VAE file or
+def _hints_from_diffusers_config(config_file: Path) -> dict:
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointCorruptError(f"{config_file} is not valid JSON: {e}") from None
+    hints = {"norm_groups": cfg["norm_num_groups"]} if "norm_num_groups" in cfg else {}
+    if cfg.get("scaling_factor") is not None:
+        hints.update(scaling_factor=cfg["scaling_factor"], shift_factor=cfg.get("shift_factor") or 0.0)
+    return hints
+
+
+_GIVE_AN_IMAGE_VAE = ("Give an SD-family image VAE .safetensors (e.g. an SD1.x/2.x VAE) or a diffusers VAE folder, "
+                      "or 'builtin' for the built-in image VAE; a CV-VAE file goes where a CV-VAE is asked for (info, "
+                      "reconstruct, the first argument of compat).")
+
+
+def _image_vae_file(path: Path) -> Path:
+    """The weights file of ``path``: itself, or the diffusers ``diffusion_pytorch_model.safetensors``
+    of a VAE folder (or of its ``vae/`` subfolder, for a whole pipeline folder)."""
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointNotFoundError(f"image VAE file {path} does not exist; pass the path of a .safetensors file")
+    for folder in (path, path / "vae"):
+        if (folder / WEIGHTS_NAME).is_file():
+            return folder / WEIGHTS_NAME
+    raise CheckpointNotFoundError(f"{path} is a folder without {WEIGHTS_NAME}, not an image VAE. {_GIVE_AN_IMAGE_VAE}")
+
+
+def load_image_vae(path, device=None, dtype=torch.float32, family: str | None = None) -> ImageVAE:
+    """Load an SD-family image VAE (frozen, eval mode) from a ``.safetensors`` file in the LDM or
+    diffusers layout, or a diffusers VAE folder. ``family`` (``sd1``, ``sdxl``, ``sd3``, ``flux``)
+    names its latent scale/shift where the file cannot (see the module docstring). A CV-VAE file or
     release folder given instead is refused with a typed error saying what to give."""
     path = Path(os.fspath(path))
-    if path.is_dir():
-        what = "a CV-VAE release folder" if (path / WEIGHTS_NAME).is_file() else "a folder"
-        raise CheckpointNotFoundError(f"{path} is {what}, not an image VAE file. {_GIVE_AN_IMAGE_VAE}")
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"image VAE file {path} does not exist; pass the path of a .safetensors file")
-    sd, meta = read_safetensors(path)
+    file = _image_vae_file(path)
+    sd, meta = read_safetensors(file)
     sd = strip_vae_prefix(sd)
     conv_in = sd.get("encoder.conv_in.weight")
     if conv_in is not None and conv_in.dim() == 5:
-        raise ForeignCheckpointError(f"{path.name} is a CV-VAE (a 3-D video VAE: its convolutions are 3-D), not "
-                                     f"an image VAE. {_GIVE_AN_IMAGE_VAE}")
-    hints = json.loads(meta["image_vae_config"]) if "image_vae_config" in meta else None
-    cfg = detect_image_config(sd, hints)
+        what = "a CV-VAE release folder" if path.is_dir() else "a CV-VAE (a 3-D video VAE: its convolutions are 3-D)"
+        raise ForeignCheckpointError(f"{path.name} is {what}, not an image VAE file. {_GIVE_AN_IMAGE_VAE}")
+    if is_diffusers_layout(sd):
+        sd = from_diffusers_layout(sd)
+    hints = None
+    if "image_vae_config" in meta:
+        hints = json.loads(meta["image_vae_config"])
+    elif (file.parent / "config.json").is_file() and file.name == WEIGHTS_NAME:
+        hints = _hints_from_diffusers_config(file.parent / "config.json")
+    cfg = detect_image_config(sd, hints, family)
     model = ImageVAE(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # Full SD checkpoints may carry loss/discriminator tensors next to the VAE; ignore those.
     unexpected = [k for k in unexpected if not k.startswith(("loss.", "model_ema."))]
     if missing or unexpected:
         raise CheckpointKeyError(f"{path.name}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}; "
-                                 "is this an SD-family (AutoencoderKL) VAE in the LDM layout?")
+                                 "is this an SD-family (AutoencoderKL) VAE in the LDM or diffusers layout?")
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def image_family(cfg: ImageVAEConfig) -> str:
+    """What the latent (scale, shift) of ``cfg`` says about its family, in words."""
+    name = family_of(cfg.scaling_factor, cfg.shift_factor)
+    if name is None:
+        return f"own latent space (scale {cfg.scaling_factor}, shift {cfg.shift_factor})"
+    return f"{name}: {IMAGE_FAMILIES[name].description} (scale {cfg.scaling_factor}, shift {cfg.shift_factor})"
 
 
 def save_image_vae(model: ImageVAE, path, dtype: torch.dtype | None = None) -> Path:
@@ -308,4 +415,3 @@ def save_image_vae(model: ImageVAE, path, dtype: torch.dtype | None = None) -> P
     sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     write_safetensors(sd, path, {"format": "pt", "image_vae_config": json.dumps(model.config.to_dict())})
     return path
-

@@ -110,7 +110,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
     grad_clip: float = 0.0             # max gradient norm; 0 = off (the official run does not clip)
-    image_vae: str | None = None       # cvvae: path of the frozen image VAE (.safetensors)
+    image_vae: str | None = None       # cvvae: path of the frozen image VAE (.safetensors, LDM or diffusers layout)
+    image_vae_family: str | None = None   # its family (sd1, sdxl, sd3, flux) where the file cannot tell
     init: str = "inflate"              # cvvae: "inflate" (from image_vae), "scratch", or a CV-VAE checkpoint
     image_vae_config: dict = field(default_factory=dict)   # image_vae: ImageVAEConfig fields
     loss: LossConfig = field(default_factory=LossConfig)
@@ -376,7 +377,7 @@ class Trainer:
                 self.model = ImageVAE(ImageVAEConfig.from_dict(cfg.image_vae_config))
             else:
                 if cfg.image_vae is not None:
-                    self.image_vae = load_image_vae(cfg.image_vae)
+                    self.image_vae = load_image_vae(cfg.image_vae, family=cfg.image_vae_family)
                 self.model = self._init_cvvae()
             if self.image_vae is not None:
                 self.image_vae = self.image_vae.to(self.device).requires_grad_(False).eval()

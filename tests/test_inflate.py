@@ -77,6 +77,9 @@ def test_a_cvvae_file_or_folder_is_refused_with_what_to_give(tiny_model, tmp_pat
 
     with pytest.raises(ForeignCheckpointError, match="is a CV-VAE .*'builtin' for the built-in image VAE"):
         load_image_vae(cvvae_core.save_model(tiny_model, tmp_path / "video.safetensors"))
-    with pytest.raises(CheckpointNotFoundError, match="is a CV-VAE release folder, not an image VAE file"):
+    with pytest.raises(ForeignCheckpointError, match="is a CV-VAE release folder, not an image VAE file"):
         load_image_vae(cvvae_core.save_model(tiny_model, tmp_path / "release"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="is a folder without diffusion_pytorch_model.safetensors"):
+        load_image_vae(tmp_path / "empty")
     load_image_vae(save_image_vae(tiny_image_vae(False), tmp_path / "image.safetensors"))  # an image VAE loads
