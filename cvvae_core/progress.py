@@ -1,6 +1,7 @@
 """A dependency-free text progress bar usable as a ``progress(done, total)`` callback.
 
-On a terminal it redraws one line; into a log file it writes one line per update."""
+On a terminal it redraws one line (at most 10 times a second); into a log file it writes a line
+when another 5% is done or 10 s have passed, and at the end, so a long run does not flood a log."""
 from __future__ import annotations
 
 import sys
@@ -16,11 +17,17 @@ class TextProgress:
         self.tty = self.stream.isatty()
         self.start = time.monotonic()
         self.open_line = False
+        self.shown_at, self.shown_share = float("-inf"), float("-inf")
 
     def __call__(self, done: int, total: int, suffix: str = ""):
         total = max(total, 1)
+        now = time.monotonic()
+        if done < total and (now - self.shown_at < 0.1 if self.tty else
+                             now - self.shown_at < 10 and done / total - self.shown_share < 0.05):
+            return
+        self.shown_at, self.shown_share = now, done / total
         filled = round(self.width * done / total)
-        elapsed = time.monotonic() - self.start
+        elapsed = now - self.start
         count = f"{100 * done / total:5.1f}%" if self.percent else f"{done}/{total}"
         line = f"{self.label} [{'#' * filled}{'-' * (self.width - filled)}] {count} {elapsed:5.1f}s {suffix}"
         if self.tty:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_tiling_worker.py")
 
 # Odd tiles and chunks that divide nothing: 32x40 frames in 24 px tiles, 9 frames in 3-frame chunks;
-# and a plan of one piece per layer, which every rank runs whole (nothing to share).
+# and one piece per layer (fewer pieces than ranks: rank 1 has nothing to do but the collectives).
 CASES = [dict(what=w, tile=24, chunk=3) for w in ("decode", "encode")]
 WHOLE = dict(what="decode", tile=1024, chunk=1024)
 
@@ -85,7 +85,7 @@ def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
         torch.testing.assert_close(got[json.dumps(case)], want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case}: {m}")
         ran = [c.get(json.dumps(case), 0) for c in counts]
         if case is WHOLE:
-            assert ran == [0, 0] and one_process[0] == 0  # the untiled pass on each rank: no pieces
+            assert ran == [one_process[0], 0]  # one piece per layer: all on rank 0, rank 1 idle
         else:
             # every piece ran exactly once, on one of the ranks, and both ranks had work
             assert sum(ran) == one_process[0] and min(ran) > 0.4 * one_process[0], (case, ran, one_process[0])
@@ -124,7 +124,10 @@ def test_reconstruct_distributed_cli(tmp_path, capsys):
     one, _ = read_video(tmp_path / "one.mp4")
     two, _ = read_video(tmp_path / "two.mp4")
     assert one.shape == two.shape
-    assert (one.int() - two.int()).abs().max() <= 1
+    # The lossless PNG strips: the MP4s are lossy, and a pixel that rounds the other way (the ranks
+    # compute to float rounding of one process) can change the codec's choices over a whole block.
+    one, two = (read_video(tmp_path / f"{name}.png")[0] for name in ("one", "two"))
+    assert one.shape == two.shape and (one.int() - two.int()).abs().max() <= 1
 
 
 def test_reconstruct_distributed_cli_failure(tmp_path):
