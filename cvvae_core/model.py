@@ -17,13 +17,25 @@ from .layers import (ResnetBlock, Upsample, causal_conv3d, decoder_conv3d, downs
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
+class _LayerStack(nn.Module):
+    """A network whose ``layers()`` list is its forward pass."""
+
+    def layers(self):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _, layer in self.layers():
+            x = layer(x)
+        return x
+
+
 def _mid_layers(mid: nn.Module):
     yield "mid.block_1", mid.block_1
     yield "mid.attn_1", mid.attn_1
     yield "mid.block_2", mid.block_2
 
 
-class Encoder(nn.Module):
+class Encoder(_LayerStack):
     """Video [B, 3, 1+4k, H, W] -> posterior moments [B, 2*C, 1+k, H/8, W/8] (mean, logvar).
 
     :meth:`layers` is the network: the order in which ``forward`` and the streaming engine
@@ -60,13 +72,8 @@ class Encoder(nn.Module):
         yield "norm_out", self.norm_out
         yield "conv_out", self.conv_out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _, layer in self.layers():
-            x = layer(x)
-        return x
 
-
-class Decoder(nn.Module):
+class Decoder(_LayerStack):
     """Latent [B, C, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w] (unclamped). See :meth:`layers`."""
 
     def __init__(self, cfg: CVVAEConfig):
@@ -103,11 +110,6 @@ class Decoder(nn.Module):
                 yield f"up.{level}.upsample", stage.upsample
         yield "norm_out", self.norm_out
         yield "conv_out", self.conv_out
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        for _, layer in self.layers():
-            z = layer(z)
-        return z
 
 
 class CVVAE(nn.Module):

@@ -428,8 +428,7 @@ class _StorePool:
 
 
 class _Reader:
-    """``read(slot, box, norm)``: a region of a store on the compute device in the compute dtype,
-    normalised (+ SiLU) with the store's clip-wide statistics when ``norm`` is given."""
+    """The stores of a running program and their statistics; called to read a piece's input."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
@@ -442,7 +441,9 @@ class _Reader:
 
     def __call__(self, slot: int, box: Box, norm: GroupNormSiLU | None, padding: ClipPadding | None = None,
                  amounts=((0, 0), (0, 0), (0, 0))) -> torch.Tensor:
-        """... then padded by ``amounts`` of ``padding``: normalised straight into the padded buffer."""
+        """Region ``box`` of store ``slot`` on the compute device in the compute dtype; normalised (+ SiLU)
+        with the store's clip-wide statistics when ``norm`` is given; padded by ``amounts`` of
+        ``padding`` when given (a normalised region is written straight into the padded buffer)."""
         x = self.stores[slot][_slices(box)].to(self.device, self.dtype, non_blocking=True)
         if norm is None:
             return x if padding is None else padding.apply(x, amounts)

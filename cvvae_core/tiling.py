@@ -50,9 +50,10 @@ OFFICIAL_TILE = 576
 OFFICIAL_OVERLAP = 0.2222
 OFFICIAL_CHUNK = 16
 
-#: Working memory of one piece on CPU. Measured (bench/bench_tiling.py, release-size vae3d, 17
-#: frames): pieces of 24 MB ran 2.5x slower (convolutions on small tiles and short chunks lose
-#: most of their efficiency); from about 128 MB on the CPU time levels off.
+#: Working memory of one piece on CPU. Measured (release-size vae3d encode, 17 frames, 2-core AMD
+#: EPYC): pieces of 24 MB took 2.3-2.6x the CPU time of 384 MB ones at 128x128 (convolutions on
+#: small tiles and short chunks lose most of their efficiency); 96-128 MB pieces took 7-12% more
+#: than 384-512 MB ones at 128x128 and 256x256.
 CPU_PIECE_BYTES = 512 << 20
 #: Automatic pieces keep at least this many frames while tiles can still shrink.
 PREFERRED_MIN_FRAMES = 4
@@ -157,7 +158,7 @@ class Plan:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Peak device bytes of a plan: the layer outputs kept whole (``stores``, when on the device),
-    one piece's temporaries (``work``), and input/output held on the device."""
+    one piece's temporaries (``work``), and the float32 result when it is written on the device (``io``)."""
 
     stores: int
     work: int
