@@ -412,19 +412,37 @@ class _StorePool:
     """Freed stores, kept for the next store of the same shape: a long clip allocates (and page-faults
     in) each store size once instead of once per layer."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, pin: bool, memory_format: torch.memory_format):
-        self.device, self.dtype, self.pin, self.memory_format, self.free = device, dtype, pin, memory_format, []
+    def __init__(self, device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format):
+        self.device, self.dtype, self.memory_format, self.free = device, dtype, memory_format, []
 
     def take(self, shape: Shape) -> torch.Tensor:
         for i, t in enumerate(self.free):
             if tuple(t.shape) == tuple(shape):
                 return self.free.pop(i)
         self.free.clear()  # a new size: the network has moved on to another resolution
-        return torch.empty(shape, device=self.device, dtype=self.dtype, pin_memory=self.pin,
-                           memory_format=self.memory_format)
+        return torch.empty(shape, device=self.device, dtype=self.dtype, memory_format=self.memory_format)
 
     def give(self, t: torch.Tensor):
         self.free.append(t)
+
+
+def _to_device(region: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A piece of a store on the compute device. A piece of a host store is strided, and CUDA copies
+    only contiguous host memory: PyTorch would stage it through a fresh pageable buffer, page-faulting
+    and copying synchronously. So it goes through a pinned buffer of its own, which PyTorch's pinned
+    allocator reuses once the (asynchronous) copy out of it has finished."""
+    if region.device.type == "cpu" and device.type == "cuda":
+        staged = torch.empty(region.shape, dtype=region.dtype, pin_memory=True)
+        region = staged.copy_(region)
+    return region.to(device, non_blocking=True).to(dtype)
+
+
+def _write_piece(dest: torch.Tensor, y: torch.Tensor):
+    """Write a computed piece into its region of a store or the output (see ``_to_device``)."""
+    if dest.device.type == "cpu" and y.device.type == "cuda":
+        staged = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+        y = staged.copy_(y)  # waits for the piece, so the next step reads a finished store
+    dest.copy_(y, non_blocking=True)
 
 
 class _Reader:
@@ -444,7 +462,7 @@ class _Reader:
         """Region ``box`` of store ``slot`` on the compute device in the compute dtype; normalised (+ SiLU)
         with the store's clip-wide statistics when ``norm`` is given; padded by ``amounts`` of
         ``padding`` when given (a normalised region is written straight into the padded buffer)."""
-        x = self.stores[slot][_slices(box)].to(self.device, self.dtype, non_blocking=True)
+        x = _to_device(self.stores[slot][_slices(box)], self.device, self.dtype)
         if norm is None:
             return x if padding is None else padding.apply(x, amounts)
         if slot not in self._stats:
@@ -473,8 +491,7 @@ def run_program(prog: Program, x: torch.Tensor, output: torch.Tensor, *, device:
     speeds up CPU convolutions). With a :class:`~cvvae_core.distributed.TileGroup`
     each rank runs the pieces ``k % world == rank`` of every step, and the stores (zero elsewhere)
     and statistics are summed across ranks after each step."""
-    pin = store_device.type == "cpu" and device.type == "cuda"
-    pool = _StorePool(store_device, dtype, pin, memory_format)
+    pool = _StorePool(store_device, dtype, memory_format)
     read = _Reader(device, dtype)
     read.stores[0] = x
     for i, step in enumerate(prog.steps):
@@ -492,7 +509,7 @@ def run_program(prog: Program, x: torch.Tensor, output: torch.Tensor, *, device:
                     y = step.run(read, box)
                     if moments is not None:
                         moments.add(y)
-                    dest[_slices(box)].copy_(y, non_blocking=True)
+                    _write_piece(dest[_slices(box)], y)
                 done(step, box)
 
         if group is None:
@@ -502,8 +519,6 @@ def run_program(prog: Program, x: torch.Tensor, output: torch.Tensor, *, device:
             group.all_sum(dest)
             if moments is not None:
                 group.merge_moments(moments)
-        if pin:
-            torch.cuda.synchronize(device)  # the step's copies into host memory land before it is read
         read.stores[step.out] = dest
         if moments is not None:
             read.moments[step.out] = moments
