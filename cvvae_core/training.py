@@ -123,6 +123,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)   # see cvvae_core.train_data; default: procedural
     grad_accum: int = 1                # micro-batches per optimiser step (global batch: batch x ranks x this)
     activation_checkpointing: bool = False   # recompute block activations in backward: less memory, ~1/3 slower
+    precision: str = "bf16"            # CUDA: "bf16" autocast or "fp32"; the CPU always trains in float32
     ema_decay: float = 0.0             # EMA of the weights (e.g. 0.999), exported next to the checkpoint; 0 = off
     val_every: int = 0                 # validate on the held-out clips every N steps (and at the end); 0 = off
     tensorboard: bool = True           # also write OUT/tensorboard when tensorboard is installed
@@ -150,6 +151,8 @@ class TrainConfig:
             raise TrainConfigError(f"height and width must be multiples of 8, got {self.height}x{self.width}")
         if not 0 <= self.ema_decay < 1:
             raise TrainConfigError(f"ema_decay must be in [0, 1), e.g. 0.999; got {self.ema_decay}")
+        if self.precision not in ("bf16", "fp32"):
+            raise TrainConfigError(f"precision must be 'bf16' (autocast on CUDA) or 'fp32', got {self.precision!r}")
         if self.loss.perceptual not in ("ssim", "lpips", "none"):
             raise TrainConfigError(f"loss.perceptual must be 'ssim', 'lpips' or 'none', got {self.loss.perceptual!r}")
         if self.loss.perceptual == "lpips" and not (self.loss.lpips_vgg and self.loss.lpips_lin):
@@ -332,7 +335,8 @@ class TrainStep(nn.Module):
 
     def forward(self, x: torch.Tensor, seeds: list[int], step: int):
         cfg = self.cfg
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        bf16 = x.device.type == "cuda" and cfg.precision == "bf16"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             target_2d = x_hat_2d = None
             if cfg.model == "image_vae":
                 t = x.shape[2]
@@ -699,6 +703,8 @@ def _run(cfg: TrainConfig, trainer: Trainer, data: TrainData, log: RunLog, out_d
             stop = _agree(stop, world)
             if rank == 0:
                 logs.update(step=step, seconds=round(time.time() - t0, 1), data_skips=log.skips)
+                if trainer.device.type == "cuda":
+                    logs["peak_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2 ** 30, 3)
                 log.write(logs)
                 rate = (step - first_step) / max(1e-9, time.time() - t0)
                 eta = (cfg.steps - step) / rate / 60 if rate > 0 else float("inf")

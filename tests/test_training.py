@@ -109,6 +109,8 @@ def test_config_errors_say_what_to_do(tmp_path):
         TrainConfig(model="cvvae", frames=8, image_vae="x.safetensors")
     with pytest.raises(TrainConfigError, match="image_vae"):
         TrainConfig(model="cvvae", frames=9)
+    with pytest.raises(TrainConfigError, match="'bf16' .*'fp32'"):
+        TrainConfig(model="cvvae", frames=9, image_vae="x.safetensors", precision="fp16")
     bad = tmp_path / "bad.json"
     bad.write_text('{"model": "cvvae", "stepz": 3}')
     with pytest.raises(TrainConfigError, match="stepz"):
