@@ -17,7 +17,7 @@ Rows (every one measured here, on the same clips, with the built-in image VAE as
 
 Clips: generated clips ``synthetic:SEED`` for --seeds (default 0-11), --frames x --size; with
 --videos, also --windows windows of --frames frames (every --stride-th frame) per video, evenly
-spaced through it, scaled to cover --size and centre-cropped; they get their own table. Each cell
+spaced through it (or through --video-part of it), scaled to cover --size and centre-cropped; they get their own table. Each cell
 is the mean over clips of ``cvvae_core.compat.compat_report`` (latent frame i against frame 4i);
 "vs start" is that image-decoder PSNR minus the inflated start's, per clip: mean (min .. max);
 "vs group mean" compares latent frame i >= 1 with the mean of the 4 frames it stands for instead
@@ -64,17 +64,30 @@ def labelled_path(text: str) -> tuple[str, str]:
     return label, path
 
 
-def real_windows(folder: Path, windows: int, frames: int, stride: int, size: int) -> dict[str, torch.Tensor]:
-    """``windows`` clips of ``frames`` frames per video in ``folder``, evenly spaced through it."""
+def fraction_range(text: str) -> tuple[float, float]:
+    """'0.6-1' -> (0.6, 1.0): a part of each video, as fractions of its frames."""
+    lo, _, hi = text.partition("-")
+    lo, hi = float(lo), float(hi or 1)
+    if not 0 <= lo < hi <= 1:
+        raise argparse.ArgumentTypeError(f"expected FROM-TO with 0 <= FROM < TO <= 1, got {text!r}")
+    return lo, hi
+
+
+def real_windows(folder: Path, windows: int, frames: int, stride: int, size: int,
+                 part: tuple[float, float] = (0.0, 1.0)) -> dict[str, torch.Tensor]:
+    """``windows`` clips of ``frames`` frames per video in ``folder``, evenly spaced through the
+    ``part`` of it (fractions of its frames)."""
     clips = {}
     for video in sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES):
         all_frames = to_model_range(read_video(video, height=size, width=size, stride=stride)[0])
-        span = all_frames.shape[2] - frames
+        first, end = (round(f * all_frames.shape[2]) for f in part)
+        span = end - first - frames
         if span < 0:
-            print(f"skipping {video.name}: {all_frames.shape[2]} frames at stride {stride} < {frames}", file=sys.stderr)
+            print(f"skipping {video.name}: {end - first} frames at stride {stride} in part {part} < {frames}",
+                  file=sys.stderr)
             continue
         for i in range(windows):
-            start = round(i * span / max(1, windows - 1))
+            start = first + round(i * span / max(1, windows - 1))
             clips[f"{video.name}@frame{start * stride}"] = all_frames[:, :, start:start + frames]
     return clips
 
@@ -135,6 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=64, help="clip height = width (multiple of 8; default 64)")
     p.add_argument("--videos", type=Path, help="folder of real videos to cut windows from (optional)")
     p.add_argument("--windows", type=int, default=6, help="windows per real video (default 6)")
+    p.add_argument("--video-part", type=fraction_range, default=(0.0, 1.0), metavar="FROM-TO",
+                   help="cut the windows from this part of each video, as fractions (e.g. 0.6-1: the last 40%%, "
+                        "held out from a run trained on the first 60%%; default 0-1)")
     p.add_argument("--stride", type=int, default=2, help="keep every n-th frame of a real video (default 2)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, help="also write every per-clip report here")
@@ -157,8 +173,9 @@ def main(argv=None) -> int:
                                                            width=args.size)).unsqueeze(0)
         for s in args.seeds}}
     if args.videos:
-        sets[f"real windows from {args.videos}"] = real_windows(args.videos, args.windows, args.frames,
-                                                                args.stride, args.size)
+        part = "" if args.video_part == (0.0, 1.0) else f" (part {args.video_part[0]:g}-{args.video_part[1]:g})"
+        sets[f"real windows from {args.videos}{part}"] = real_windows(args.videos, args.windows, args.frames,
+                                                                      args.stride, args.size, args.video_part)
     out = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "frames": args.frames, "size": args.size, "sets": {}}
     for name, clips in sets.items():

@@ -11,10 +11,11 @@ CPU/system time belong to that mode alone. Modes:
   official          the official tiled algorithm (release tile 576 px / overlap 0.2222 / 16-frame chunks)
   seamless-chunkN   the seamless engine with N-frame chunks forced
   seamless-auto     the seamless engine with its automatic plan (the default)
+  seamless-budgetG  the automatic plan for a device memory budget of G GiB (TilingOptions.memory_budget)
 Columns: seconds, frames/s, throughput relative to official, user and system CPU seconds of the
 pass, the system share of its CPU time, its minor page faults, the child's peak RSS (VmHWM: model
 and input included) or max_memory_allocated (CUDA), and
-PSNR against the untiled float32 model: decode outputs directly (peak-to-peak 2), encode outputs
+PSNR against the untiled float32 model (on CUDA computed in the parent, TF32 off): decode outputs directly (peak-to-peak 2), encode outputs
 as latents (peak-to-peak of the untiled latent) and through the untiled float32 decoder.
 ``random-sd`` / ``random-sd3``: release-size vae3d / vae3d_sd3 with seeded random weights.
 """
@@ -76,6 +77,8 @@ def options(mode: str) -> tiling.TilingOptions | None:
         return tiling.TilingOptions()
     if mode.startswith("seamless-chunk"):
         return tiling.TilingOptions(chunk_frames=int(mode[len("seamless-chunk"):]))
+    if mode.startswith("seamless-budget"):
+        return tiling.TilingOptions(memory_budget=int(float(mode[len("seamless-budget"):]) * 2 ** 30))
     raise SystemExit(f"unknown mode {mode}")
 
 
@@ -151,7 +154,17 @@ def main():
     h, w = (int(v) for v in args.size.split("x"))
     clips = sorted(args.videos.iterdir()) if args.videos else ["smooth"]
     rows = []
-    ref_model = build_model(args.model, "cpu", torch.float32)
+    # The float32 reference runs where the modes run; on CUDA without TF32, so it is float32 throughout.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    ref_device = torch.device(args.device)
+    ref_model = build_model(args.model, ref_device, torch.float32)
+
+    def reference(fn, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            y = fn(x.to(ref_device)).cpu()
+        if ref_device.type == "cuda":
+            torch.cuda.empty_cache()  # the children measure their own peak: leave them the memory
+        return y
     print(f"model {args.model}, {args.device} {args.dtype}, {args.threads} threads, load {os.getloadavg()[0]:.1f}",
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,8 +172,7 @@ def main():
         for clip_spec in clips:
             for frames in args.frames:
                 video = make_clip(str(clip_spec), frames, h, w)
-                with torch.no_grad():
-                    ref_latent = ref_model.encode(video)
+                ref_latent = reference(ref_model.encode, video)
                 inputs = {"encode": video, "decode": ref_latent}
                 for direction in args.directions:
                     inp = tmp / f"{direction}_in.pt"
@@ -171,7 +183,9 @@ def main():
                         out = tmp / f"{direction}_{mode}.pt"
                         results[mode] = run_child(args, mode, direction, inp, out, dtype)
                         results[mode]["out"] = out
-                    if "untiled" in results and not results["untiled"].get("failed"):
+                    if ref_device.type == "cuda":  # the untiled child ran in --dtype: the reference is this one
+                        ref = reference(getattr(ref_model, direction), inputs[direction])
+                    elif "untiled" in results and not results["untiled"].get("failed"):
                         ref = torch.load(results["untiled"]["out"])
                     else:
                         ref = None
@@ -188,9 +202,8 @@ def main():
                             elif ref is not None:
                                 c = ref_model.latent_channels
                                 row["psnr"] = psnr(y[:, :c], ref[:, :c], float(ref[:, :c].max() - ref[:, :c].min()))
-                                with torch.no_grad():
-                                    row["psnr_decoded"] = psnr(ref_model.decode(y[:, :c]), ref_model.decode(ref[:, :c]),
-                                                               2.0)
+                                row["psnr_decoded"] = psnr(reference(ref_model.decode, y[:, :c]),
+                                                           reference(ref_model.decode, ref[:, :c]), 2.0)
                         rows.append(row)
                         print(format_row(row), flush=True)
     if args.json:

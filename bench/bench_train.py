@@ -2,12 +2,19 @@
 
     python bench/bench_train.py VIDEO_DIR                     # 17 frames 64x64, built-in image VAE, 1 and 2 ranks
     python bench/bench_train.py VIDEO_DIR --size 128 --ranks 1 2 --steps 30 --threads 1
+    python bench/bench_train.py VIDEO_DIR --device cuda --image-vae release --size 256 --ranks 1 --workers 6
+    python bench/bench_train.py VIDEO_DIR --device cuda --image-vae release --size 256 --ranks 1 --checkpointing
 
 Each configuration is a fresh ``torchrun --nproc_per_node=N -m cvvae_core train`` run (batch 1 per
 rank, so the global batch grows with N) on random 17-frame windows of the videos (PyAV decoding in
 one DataLoader worker per rank). Steps/s is taken from log.jsonl between step ``--warmup`` and the
 last step (start-up and the first steps excluded); clips/s = steps/s x global batch; scaling = clips/s
-at N ranks / clips/s at 1 rank. Prints one JSON line per configuration and the load average.
+at N ranks / clips/s at 1 rank. Prints one JSON line per configuration and the load average; on
+CUDA also the peak memory the training step allocated (rank 0's ``torch.cuda.max_memory_allocated``).
+
+``--image-vae release`` trains against a release-size SD image VAE (128 base channels, 4 levels,
+4 latent channels, the shape of SD1.x/SDXL's VAE) with seeded random weights, written for the run:
+the CV-VAE inflated from it has the release configuration. The default is the built-in image VAE.
 """
 from __future__ import annotations
 
@@ -20,19 +27,32 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(videos: str, ranks: int, args, work: Path) -> dict:
+def release_image_vae(path: Path) -> str:
+    """A release-size SD image VAE with seeded random weights (the speed and memory do not depend on them)."""
+    sys.path.insert(0, str(ROOT))
+    from cvvae_core.image_vae import ImageVAE, ImageVAEConfig, save_image_vae
+
+    torch.manual_seed(0)
+    save_image_vae(ImageVAE(ImageVAEConfig()), path)
+    return str(path)
+
+
+def run(videos: str, ranks: int, args, work: Path, image_vae: str) -> dict:
     out = work / f"run{ranks}"
-    cfg = {"model": "cvvae", "out_dir": str(out), "image_vae": "cvvae_core/weights/builtin_image_vae.safetensors",
+    cfg = {"model": "cvvae", "out_dir": str(out), "image_vae": image_vae,
            "steps": args.steps, "batch_size": 1, "frames": args.frames, "height": args.size, "width": args.size,
            "warmup_steps": 5, "log_every": 1, "save_every": 10_000, "threads": args.threads,
-           "activation_checkpointing": args.checkpointing, "tensorboard": False,
+           "activation_checkpointing": args.checkpointing, "precision": args.precision, "tensorboard": False,
            "data": {"videos": videos, "frame_stride": args.stride, "workers": args.workers}}
     path = work / f"cfg{ranks}.json"
     path.write_text(json.dumps(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                            "-m", "cvvae_core", "train", str(path), "--device", args.device],
@@ -42,9 +62,13 @@ def run(videos: str, ranks: int, args, work: Path) -> dict:
     logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     t = {r["step"]: r["seconds"] for r in logs if "loss" in r}
     steps_s = (args.steps - args.warmup) / (t[args.steps] - t[args.warmup])
-    return {"ranks": ranks, "threads_per_rank": args.threads, "frames": args.frames, "size": args.size,
-            "steps_per_s": round(steps_s, 3), "clips_per_s": round(steps_s * ranks, 3),
-            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()}
+    row = {"ranks": ranks, "threads_per_rank": args.threads, "frames": args.frames, "size": args.size,
+           "image_vae": args.image_vae, "device": args.device, "checkpointing": args.checkpointing,
+           "steps_per_s": round(steps_s, 3), "clips_per_s": round(steps_s * ranks, 3),
+           "wall_s": round(time.time() - start, 1), "load": os.getloadavg()}
+    if args.device.startswith("cuda"):
+        row.update(precision=args.precision, peak_gib=max(r.get("peak_gib", 0) for r in logs))
+    return row
 
 
 def main():
@@ -60,11 +84,16 @@ def main():
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="CUDA autocast (default bf16)")
+    p.add_argument("--image-vae", default="builtin", help="'builtin', 'release' (random release-size SD VAE) or a path")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        image_vae = {"builtin": "cvvae_core/weights/builtin_image_vae.safetensors",
+                     "release": None}.get(args.image_vae, args.image_vae)
+        image_vae = image_vae or release_image_vae(Path(tmp) / "release_image_vae.safetensors")
         base = None
         for n in args.ranks:
-            r = run(args.videos, n, args, Path(tmp))
+            r = run(args.videos, n, args, Path(tmp), image_vae)
             base = base or r["clips_per_s"] / n
             r["scaling_vs_1_rank"] = round(r["clips_per_s"] / base, 2)
             print(json.dumps(r), flush=True)
