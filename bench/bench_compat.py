@@ -17,8 +17,9 @@ Rows (every one measured here, on the same clips, with the built-in image VAE as
 
 Clips: generated clips ``synthetic:SEED`` for --seeds (default 0-11), --frames x --size; with
 --videos, also --windows windows of --frames frames (every --stride-th frame) per video, evenly
-spaced through it (or through --video-part of it), scaled to cover --size and centre-cropped; they get their own table. Each cell
-is the mean over clips of ``cvvae_core.compat.compat_report`` (latent frame i against frame 4i);
+spaced through it (or through --video-part of it), scaled to cover --size and centre-cropped; they
+get their own table. Each cell is the mean over clips of ``cvvae_core.compat.compat_report``
+(latent frame i against frame 4i);
 "vs start" is that image-decoder PSNR minus the inflated start's, per clip: mean (min .. max);
 "vs group mean" compares latent frame i >= 1 with the mean of the 4 frames it stands for instead
 (what the official regularization with ``target_type: "random"`` pulls it towards).

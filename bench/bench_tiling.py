@@ -14,9 +14,9 @@ CPU/system time belong to that mode alone. Modes:
   seamless-budgetG  the automatic plan for a device memory budget of G GiB (TilingOptions.memory_budget)
 Columns: seconds, frames/s, throughput relative to official, user and system CPU seconds of the
 pass, the system share of its CPU time, its minor page faults, the child's peak RSS (VmHWM: model
-and input included) or max_memory_allocated (CUDA), and
-PSNR against the untiled float32 model (on CUDA computed in the parent, TF32 off): decode outputs directly (peak-to-peak 2), encode outputs
-as latents (peak-to-peak of the untiled latent) and through the untiled float32 decoder.
+and input included) or max_memory_allocated (CUDA), and PSNR against the untiled float32 model
+(on CUDA computed in the parent, TF32 off): decode outputs directly (peak-to-peak 2), encode
+outputs as latents (peak-to-peak of the untiled latent) and through the untiled float32 decoder.
 ``random-sd`` / ``random-sd3``: release-size vae3d / vae3d_sd3 with seeded random weights.
 """
 from __future__ import annotations
