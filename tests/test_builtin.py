@@ -11,8 +11,8 @@ from cvvae_core.synthetic import SyntheticConfig, generate_clip
 
 # Floors, stated: the measured values on these clips (see the README section "Built-in model and
 # training") minus a margin for platform differences. They fail for random or untrained weights.
-# Measured (fp16 weights, CPU): recon 24.17 dB on synthetic 1000 (9 frames); image decoder on the
-# video latent 19.89 dB on synthetic 1001 (9 frames). The no-regularization ablation gives 16.0 dB
+# Measured (fp16 weights, CPU): recon 23.49 dB on synthetic 1000 (9 frames); image decoder on the
+# video latent 21.16 dB on synthetic 1001 (9 frames). The no-regularization ablation gives 16.50 dB
 # through the image decoder, below IMAGE_DECODER_PSNR_FLOOR.
 RECON_PSNR_FLOOR = 22.0
 IMAGE_DECODER_PSNR_FLOOR = 17.0
