@@ -88,9 +88,12 @@ def main():
     p.add_argument("--image-vae", default="builtin", help="'builtin', 'release' (random release-size SD VAE) or a path")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        image_vae = {"builtin": "cvvae_core/weights/builtin_image_vae.safetensors",
-                     "release": None}.get(args.image_vae, args.image_vae)
-        image_vae = image_vae or release_image_vae(Path(tmp) / "release_image_vae.safetensors")
+        if args.image_vae == "release":
+            image_vae = release_image_vae(Path(tmp) / "release_image_vae.safetensors")
+        elif args.image_vae == "builtin":
+            image_vae = "cvvae_core/weights/builtin_image_vae.safetensors"
+        else:
+            image_vae = args.image_vae
         base = None
         for n in args.ranks:
             r = run(args.videos, n, args, Path(tmp), image_vae)

@@ -18,6 +18,8 @@ from pathlib import Path
 import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_compat import fraction_range  # noqa: E402
 from cvvae_core.video_io import read_video, write_video  # noqa: E402
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
@@ -27,14 +29,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="folder of videos")
     p.add_argument("out", type=Path, help="folder for the copies")
-    p.add_argument("--part", default="0-1", help="FROM-TO, fractions of each video's frames (default 0-1)")
+    p.add_argument("--part", type=fraction_range, default=(0.0, 1.0), metavar="FROM-TO",
+                   help="fractions of each video's frames (default 0-1)")
     p.add_argument("--height", type=int, default=64, help="height of the copies (default 64)")
     p.add_argument("--crf", type=int, default=12, help="H.264 quality, lower is better (default 12)")
     args = p.parse_args(argv)
-    lo, _, hi = args.part.partition("-")
-    lo, hi = float(lo), float(hi or 1)
-    if not 0 <= lo < hi <= 1:
-        p.error(f"--part: expected FROM-TO with 0 <= FROM < TO <= 1, got {args.part!r}")
+    lo, hi = args.part
     for video in sorted(v for v in args.src.iterdir() if v.suffix.lower() in VIDEO_SUFFIXES):
         with av.open(str(video)) as container:
             codec = container.streams.video[0].codec_context
