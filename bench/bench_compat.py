@@ -18,7 +18,7 @@ Rows (every one measured here, on the same clips, with the built-in image VAE as
 Clips: generated clips ``synthetic:SEED`` for --seeds (default 0-11), --frames x --size; with
 --videos, also --windows windows of --frames frames (every --stride-th frame) per video, evenly
 spaced through it (or through --video-part of it), scaled to cover --size and centre-cropped; they
-get their own table. Each cell is the mean over clips of ``cvvae_core.compat.compat_report``
+get their own table. Each cell is the mean over clips of ``cvvae_core.train.compatibility.compat_report``
 (latent frame i against frame 4i);
 "vs start" is that image-decoder PSNR minus the inflated start's, per clip: mean (min .. max);
 "vs group mean" compares latent frame i >= 1 with the mean of the 4 frames it stands for instead
@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cvvae_core.builtin import load_builtin, load_builtin_image_vae  # noqa: E402
-from cvvae_core.checkpoint import load_model  # noqa: E402
-from cvvae_core.compat import compat_report, usable_frames  # noqa: E402
-from cvvae_core.inflate import default_calibration_latents, inflate  # noqa: E402
+from cvvae_core.io.image_vae_file import load_image_vae  # noqa: E402
+from cvvae_core.io.checkpoint import load_model  # noqa: E402
+from cvvae_core.train.compatibility import compat_report, usable_frames  # noqa: E402
+from cvvae_core.train.inflate import default_calibration_latents, inflate  # noqa: E402
 from cvvae_core.metrics import psnr  # noqa: E402
-from cvvae_core.synthetic import SyntheticConfig, generate_clip  # noqa: E402
-from cvvae_core.video_io import read_video, to_model_range  # noqa: E402
+from cvvae_core.data.synthetic import SyntheticConfig, generate_clip  # noqa: E402
+from cvvae_core.io.video import read_video, to_model_range  # noqa: E402
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 NOREG_COMMAND = ("python -m cvvae_core train cvvae_core/train_configs/builtin_cvvae_noreg.json "
@@ -160,8 +160,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     t0 = time.time()
-    image_vae = load_builtin_image_vae()
-    models = {"shipped": load_builtin(dtype=torch.float32) if args.shipped == "builtin"
+    image_vae = load_image_vae("builtin")
+    models = {"shipped": load_model("builtin", dtype=torch.float32) if args.shipped == "builtin"
               else load_model(args.shipped, dtype=torch.float32)}
     if args.noreg:
         models["no regularization"] = load_model(args.noreg, dtype=torch.float32)

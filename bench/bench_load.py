@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cvvae_core  # noqa: E402
-from cvvae_core import checkpoint  # noqa: E402
+from cvvae_core.io import checkpoint  # noqa: E402
 
 MODES = ("file_buffers", "aligned")
 

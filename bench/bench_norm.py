@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cvvae_core.layers import GroupNormSiLU  # noqa: E402
-from cvvae_core.streaming import GroupMoments, norm_silu  # noqa: E402
+from cvvae_core.model.layers import GroupNormSiLU  # noqa: E402
+from cvvae_core.tiling.executor import GroupMoments, norm_silu  # noqa: E402
 
 
 def float32_copy(x, norm, mean, var):

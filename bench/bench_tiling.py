@@ -45,7 +45,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def build_model(name: str, device: str, dtype: torch.dtype):
     if name == "builtin":
         return cvvae_core.load_model("builtin", device=device, dtype=dtype)
-    from cvvae_core.config import PRESETS
+    from cvvae_core.spec import PRESETS
     torch.manual_seed(0)
     model = cvvae_core.CVVAE(PRESETS["vae3d" if name == "random-sd" else "vae3d_sd3"]).eval()
     with torch.no_grad():
@@ -63,7 +63,7 @@ def make_clip(spec: str, frames: int, h: int, w: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
         low = torch.rand(1, 3, frames, max(1, h // 8), max(1, w // 8), generator=g) * 2 - 1
         return torch.nn.functional.interpolate(low, size=(frames, h, w), mode="trilinear").clamp(-1, 1)
-    from cvvae_core.video_io import read_video, to_model_range
+    from cvvae_core.io.video import read_video, to_model_range
     clip, _ = read_video(spec, frames, h, w)
     return to_model_range(clip)
 

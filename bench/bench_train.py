@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def release_image_vae(path: Path) -> str:
     """A release-size SD image VAE with seeded random weights (the speed and memory do not depend on them)."""
     sys.path.insert(0, str(ROOT))
-    from cvvae_core.image_vae import ImageVAE, ImageVAEConfig, save_image_vae
+    from cvvae_core.io.image_vae_file import save_image_vae
+    from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig
 
     torch.manual_seed(0)
     save_image_vae(ImageVAE(ImageVAEConfig()), path)

@@ -11,11 +11,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cvvae_core import builtin, metrics
+from cvvae_core import load_model, metrics
 from cvvae_core.tiling import TilingOptions
-from cvvae_core.video_io import read_video, to_model_range, to_uint8, write_png
+from cvvae_core.io.video import read_video, to_model_range, to_uint8, write_png
 torch.set_num_threads(1)
-model = builtin.load_builtin()
+model = load_model("builtin")
 frames, _ = read_video(sys.argv[1], max_frames=17, height=144, width=256)
 x = to_model_range(frames)
 z = model.encode(x)

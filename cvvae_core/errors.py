@@ -81,3 +81,7 @@ class UnsupportedLayerError(CVVAEError, TypeError):
 class TrainingDataError(InputError):
     """Training data that cannot be used: a missing folder or manifest, no usable video in it, or a
     data source that fails clip after clip."""
+
+
+class TrainConfigError(CVVAEError, ValueError):
+    """A training configuration that cannot be run as written."""

@@ -9,9 +9,9 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import folder_paths
 
-from ..cvvae_core import builtin
+from ..cvvae_core.io import builtin
 from ..cvvae_core.errors import CheckpointError, CheckpointNotFoundError
-from ..cvvae_core.frames import FrameAdjustment, FramedLatent
+from ..cvvae_core.model.frames import FrameAdjustment, FramedLatent
 from . import runtime
 from .comfy_vae import get_cvvae, load_comfy_vae
 
@@ -297,8 +297,8 @@ class CVVAESyntheticVideo(io.ComfyNode):
 
 
 def synthetic_clip(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """IMAGE ``[frames, height, width, 3]`` in 0..1 from :func:`cvvae_core.synthetic.generate_clip`."""
-    from ..cvvae_core.synthetic import SyntheticConfig, generate_clip
+    """IMAGE ``[frames, height, width, 3]`` in 0..1 from :func:`cvvae_core.data.synthetic.generate_clip`."""
+    from ..cvvae_core.data.synthetic import SyntheticConfig, generate_clip
 
     clip = generate_clip(seed, SyntheticConfig(frames=frames, height=height, width=width))  # [3, T, H, W]
     return ((clip.movedim(0, -1) + 1.0) / 2.0).clamp(0.0, 1.0).float()

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
 
-from cvvae_core import streaming, tiling  # noqa: E402
+from cvvae_core.tiling import executor, runner as tiling  # noqa: E402
 from cvvae_core.errors import DistributedRunError  # noqa: E402
 from test_distributed_tiling import case_input, small_model  # noqa: E402
 
@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="env://")
 model = small_model()
 results, pieces = {}, {}
-real_run = streaming.ConvStep.run
+real_run = executor.ConvStep.run
 
 
 def counted_run(step, read, box):
@@ -28,7 +28,7 @@ def counted_run(step, read, box):
     return real_run(step, read, box)
 
 
-streaming.ConvStep.run = counted_run
+executor.ConvStep.run = counted_run
 try:
     for case in json.loads(sys.argv[2]):
         x = case_input(case)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import cvvae_core
-from cvvae_core import builtin
+from cvvae_core.io import builtin
+from cvvae_core.io.image_vae_file import load_image_vae
 from cvvae_core.metrics import psnr, ssim
-from cvvae_core.synthetic import SyntheticConfig, generate_clip
+from cvvae_core.data.synthetic import SyntheticConfig, generate_clip
 
 # Floors, stated: the measured values on these clips (see the README section "Built-in model and
 # training") minus a margin for platform differences. They fail for random or untrained weights.
@@ -43,7 +44,7 @@ def test_shipped_weights_fit_the_size_budget():
 
 @pytest.fixture(scope="module")
 def models():
-    return builtin.load_builtin(dtype=torch.float32), builtin.load_builtin_image_vae()
+    return cvvae_core.load_model("builtin", dtype=torch.float32), load_image_vae("builtin")
 
 
 def test_builtin_loads_with_the_public_loader_and_reconstructs(models):
@@ -56,7 +57,7 @@ def test_builtin_loads_with_the_public_loader_and_reconstructs(models):
 
 
 def test_compat_command_on_the_builtin_model(capsys):
-    from cvvae_core.cli import main
+    from cvvae_core.cli.main import main
 
     assert main(["compat", "builtin", "builtin", "synthetic:1001", "--frames", "9", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

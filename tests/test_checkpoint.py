@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cvvae_core
-from cvvae_core.checkpoint import to_official
+from cvvae_core.io.checkpoint import to_official
 from conftest import video
 
 

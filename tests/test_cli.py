@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import cvvae_core
-from cvvae_core.cli import main
-from cvvae_core.video_io import read_video, write_video
+from cvvae_core.cli.main import main
+from cvvae_core.io.video import read_video, write_video
 
 
 def test_info_reports_variant_and_parameters(tiny_model, tmp_path, capsys):
@@ -83,12 +83,12 @@ def test_reconstruct_names_a_file_that_is_not_a_video(tmp_path, capsys):
 # 'builtin' everywhere; info describes the latent space the model really shares
 # ---------------------------------------------------------------------------------------------
 def test_info_builtin_names_the_builtin_image_vae_latent_space(capsys):
-    from cvvae_core.builtin import load_builtin_image_vae
+    from cvvae_core.io.image_vae_file import load_image_vae
 
     assert main(["info", "builtin", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "built-in image VAE" in info["latent_space"] and "SD latent space" not in json.dumps(info)
-    image_cfg = load_builtin_image_vae().config   # the value the description is recognised by is the file's
+    image_cfg = load_image_vae("builtin").config   # the value the description is recognised by is the file's
     assert info["latent_scaling"]["scale"] == image_cfg.scaling_factor == 0.36133
 
 
@@ -108,7 +108,7 @@ def test_inflate_builtin_inflates_the_builtin_image_vae(tmp_path, capsys):
 
 
 def test_inflate_given_a_cvvae_says_so(tmp_path, capsys):
-    from cvvae_core.builtin import builtin_path
+    from cvvae_core.io.builtin import builtin_path
 
     assert main(["inflate", str(builtin_path()), str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import cvvae_core
-from cvvae_core import streaming, tiling
-from cvvae_core.cli import main
-from cvvae_core.synthetic import SyntheticConfig, generate_clip
-from cvvae_core.video_io import read_video, to_uint8, write_video
+from cvvae_core.tiling import executor, runner as tiling
+from cvvae_core.cli.main import main
+from cvvae_core.data.synthetic import SyntheticConfig, generate_clip
+from cvvae_core.io.video import read_video, to_uint8, write_video
 from conftest import randomize_, tiny_config, video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +60,12 @@ def run_ranks(out: Path, cases: list, timeout: float, cmd=None, **env_extra) -> 
 
 def _convolution_pieces(monkeypatch) -> list:
     count = [0]
-    real = streaming.ConvStep.run
+    real = executor.ConvStep.run
 
     def run(step, read, box):
         count[0] += 1
         return real(step, read, box)
-    monkeypatch.setattr(streaming.ConvStep, "run", run)
+    monkeypatch.setattr(executor.ConvStep, "run", run)
     return count
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import cvvae_core
-from cvvae_core.builtin import builtin_path
-from cvvae_core.cli import main
-from cvvae_core.dataset_encode import EncodeOptions, encode_dataset, window_starts
+from cvvae_core.io.builtin import builtin_path
+from cvvae_core.cli.main import main
+from cvvae_core.data.encode import EncodeOptions, encode_dataset, window_starts
 from cvvae_core.errors import DatasetRunMismatchError, InjectedFaultError
-from cvvae_core.synthetic import SyntheticConfig, generate_clip
-from cvvae_core.video_io import read_video, to_model_range, to_uint8, write_video
+from cvvae_core.data.synthetic import SyntheticConfig, generate_clip
+from cvvae_core.io.video import read_video, to_model_range, to_uint8, write_video
 from conftest import randomize_, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

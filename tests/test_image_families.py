@@ -14,11 +14,12 @@ from conftest import randomize_
 from safetensors.torch import save_file
 
 import cvvae_core
-from cvvae_core.config import IMAGE_FAMILIES
+from cvvae_core.spec import IMAGE_FAMILIES
 from cvvae_core.errors import ForeignCheckpointError, UnknownImageFamilyError
-from cvvae_core.image_vae import ImageVAE, ImageVAEConfig, load_image_vae
-from cvvae_core.inflate import inflate, single_frame_gap
-from cvvae_core.synthetic import SyntheticConfig, generate_batch
+from cvvae_core.io.image_vae_file import load_image_vae
+from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig
+from cvvae_core.train.inflate import inflate, single_frame_gap
+from cvvae_core.data.synthetic import SyntheticConfig, generate_batch
 
 # Encoder of the inflated CV-VAE vs the image VAE on one frame: exact but for GroupNorm eps (the
 # CV-VAE SD variant has 1e-5, SD image VAEs 1e-6): measured 1.5e-4 / 2.1e-4 of the latent's max |z|
@@ -181,7 +182,7 @@ def test_unknown_family_and_wrong_family_are_typed_errors(tmp_path):
 
 
 def test_cli_inflate_with_family(tmp_path, capsys):
-    from cvvae_core.cli import main
+    from cvvae_core.cli.main import main
 
     path = write(image_vae(4, True, (1, 2)), tmp_path, "ldm")
     assert main(["inflate", str(path), str(tmp_path / "out.safetensors"), "--family", "sdxl"]) == 0
@@ -193,7 +194,7 @@ def test_cli_inflate_with_family(tmp_path, capsys):
 
 
 def test_training_against_a_flux_vae_records_its_scale_and_shift(tmp_path):
-    from cvvae_core.training import TrainConfig, train
+    from cvvae_core.train.trainer import TrainConfig, train
 
     path = write(image_vae(16, False, (1, 2)), tmp_path, "diffusers")
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), image_vae=str(path), image_vae_family="flux", steps=1,

@@ -3,9 +3,10 @@ import pytest
 import torch
 from conftest import randomize_
 
-from cvvae_core.image_vae import ImageVAE, ImageVAEConfig, load_image_vae, save_image_vae
-from cvvae_core.inflate import inflate, single_frame_gap
-from cvvae_core.synthetic import SyntheticConfig, generate_batch
+from cvvae_core.io.image_vae_file import load_image_vae, save_image_vae
+from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig
+from cvvae_core.train.inflate import inflate, single_frame_gap
+from cvvae_core.data.synthetic import SyntheticConfig, generate_batch
 
 # Stated tolerances, on seeded random weights (randomize_: every norm/bias perturbed, so the mid
 # block's tokens vary in mean and scale far more than in a trained VAE):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import cvvae_core
-from cvvae_core.checkpoint import to_internal, to_official
-from cvvae_core.layers import Upsample, causal_conv3d
+from cvvae_core.io.checkpoint import to_internal, to_official
+from cvvae_core.model.layers import Upsample, causal_conv3d
 from conftest import tiny_config, video
 
 DATA = Path(__file__).parent / "data"

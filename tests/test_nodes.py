@@ -110,7 +110,7 @@ def test_loader_lists_vae_and_cvvae_folders_and_builtin_only_when_present(models
     names = nodes.model_choices()
     assert "tiny_cvvae.safetensors" in names and "tiny_cvvae_sd3.safetensors" in names
     assert names[0] == nodes.BUILTIN_NAME  # the pack ships its demo model
-    monkeypatch.setattr(cvvae_core.builtin, "WEIGHTS_DIR", tmp_path / "missing")
+    monkeypatch.setattr(cvvae_core.io.builtin, "WEIGHTS_DIR", tmp_path / "missing")
     assert nodes.BUILTIN_NAME not in nodes.model_choices()
     builtin = cvvae_core.save_model(cvvae_core.CVVAE(TINY), tmp_path / "builtin.safetensors")
     monkeypatch.setattr(nodes, "builtin_path", lambda: str(builtin))
@@ -265,7 +265,7 @@ def test_memory_estimates_grow_with_frames_and_dtype(vae):
 @pytest.mark.parametrize("node,what", [("CVVAEVideoEncode", "encode"), ("CVVAEVideoDecode", "decode")])
 def test_node_memory_request_and_engine_plan_come_from_one_estimate(vae, monkeypatch, node, what):
     """The bytes a node asks ComfyUI to free are the engine's own estimate of the plan it then runs."""
-    from cvvae_pack.cvvae_core import tiling
+    from cvvae_pack.cvvae_core.tiling import runner as tiling
     from cvvae_pack.nodes import runtime
     estimates, plans = [], []
     real_estimate, real_seamless = tiling.estimate_memory, tiling._seamless

@@ -59,7 +59,7 @@ def test_wheel_holds_the_library_alone_with_its_data(wheel):
                    "cvvae_core/train_configs/builtin_cvvae.json", "cvvae_core/__main__.py"):
         assert needed in names, needed
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
-    assert re.search(r"^cvvae = cvvae_core\.cli:main$", entry_points, re.M), entry_points
+    assert re.search(r"^cvvae = cvvae_core\.cli\.main:main$", entry_points, re.M), entry_points
 
 
 def test_installed_library_loads_the_builtin_model_from_any_directory(installed, tmp_path):

@@ -1,4 +1,4 @@
-"""The tiling/streaming engine (cvvae_core.tiling, cvvae_core.streaming) on tiny CPU models.
+"""The tiling/streaming engine (cvvae_core.tiling, cvvae_core.tiling.executor) on tiny CPU models.
 
 Seamless mode is exact: with the clip-wide GroupNorm statistics it sums itself, every split of
 the clip into time chunks and spatial tiles must give the untiled result to float32 rounding
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import cvvae_core
-from cvvae_core import streaming, tiling
+from cvvae_core.tiling import executor, runner as tiling
 from cvvae_core.errors import CancelledError, InputError, OutOfMemoryError, UnsupportedLayerError
 from conftest import randomize_, tiny_config, video
 
@@ -75,7 +75,7 @@ def _norm_inputs(model, x, decode):
     """Untiled pass, recording every clip-wide GroupNorm's (mean, var) per (batch, group)."""
     stats, hooks = {}, []
     for m in model.modules():
-        if isinstance(m, cvvae_core.layers.GroupNormSiLU):
+        if isinstance(m, cvvae_core.model.layers.GroupNormSiLU):
             def hook(mod, inp, mod_id=id(m)):
                 v = inp[0].reshape(inp[0].shape[0], mod.num_groups, -1)
                 var, mean = torch.var_mean(v, dim=2, unbiased=False)
@@ -94,12 +94,12 @@ def test_every_norm_uses_the_clip_wide_statistics(model, monkeypatch, decode):
          else video(1, 9, 32, 40, seed=4))
     want = _norm_inputs(model, x, decode)
     seen = {}
-    real = streaming.norm_silu
+    real = executor.norm_silu
 
     def spy(t, norm, mean, var, **kw):
         seen.setdefault(id(norm), []).append((mean, var))
         return real(t, norm, mean, var, **kw)
-    monkeypatch.setattr(streaming, "norm_silu", spy)
+    monkeypatch.setattr(executor, "norm_silu", spy)
     (tiling.decode_latent if decode else tiling.encode_moments)(model, x, tiling.TilingOptions(tile_size=16,
                                                                                                chunk_frames=2))
     assert set(seen) == set(want)
@@ -143,7 +143,7 @@ def test_a_layer_the_engine_does_not_know_is_refused_before_any_work(sd_model, m
 
 def test_pieces_cover_each_output_once():
     cover = torch.zeros(7, 30, 41, dtype=torch.int32)
-    boxes = streaming.pieces((1, 1, 7, 30, 41), (3, 8, 16))
+    boxes = executor.pieces((1, 1, 7, 30, 41), (3, 8, 16))
     for (a, z), (r0, r1), (c0, c1) in boxes:
         cover[a:z, r0:r1, c0:c1] += 1
         assert z - a <= 3 and r1 - r0 <= 8 and c1 - c0 <= 16

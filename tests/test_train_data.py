@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from cvvae_core.cli import main
+from cvvae_core.cli.main import main
 from cvvae_core.errors import CheckpointKeyError, TrainingDataError
-from cvvae_core.image_vae import ImageVAE, ImageVAEConfig, save_image_vae
-from cvvae_core.lpips import LPIPS, load_lpips
-from cvvae_core.plot import COLOURS, PANEL_H, plot_run
-from cvvae_core.train_data import DataConfig, Source, Video, VideoClips, build_data, list_sources, probe
-from cvvae_core.training import LossConfig, TrainConfig, TrainConfigError, Trainer, train
-from cvvae_core.video_io import write_video
+from cvvae_core.io.image_vae_file import save_image_vae
+from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig
+from cvvae_core.train.lpips import LPIPS, load_lpips
+from cvvae_core.train.plot import COLOURS, PANEL_H, plot_run
+from cvvae_core.data.clips import DataConfig, Source, Video, VideoClips, build_data, list_sources, probe
+from cvvae_core.train.trainer import LossConfig, TrainConfig, TrainConfigError, Trainer, train
+from cvvae_core.io.video import write_video
 
 IMAGE_CFG = dict(base_channels=8, channel_mult=(1, 2, 2, 2), blocks_per_level=1, norm_groups=4, norm_eps=1e-5,
                  quant_conv=False)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import cvvae_core
-from cvvae_core.image_vae import ImageVAE, ImageVAEConfig, save_image_vae
-from cvvae_core.training import TrainConfig, Trainer, checkpoint_blocks, train
+from cvvae_core.io.image_vae_file import save_image_vae
+from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig
+from cvvae_core.train.trainer import TrainConfig, Trainer, checkpoint_blocks, train
 from test_train_data import make_video
 
 ROOT = Path(__file__).resolve().parents[1]

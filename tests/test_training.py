@@ -3,8 +3,9 @@ import pytest
 import torch
 from conftest import randomize_
 
-from cvvae_core.image_vae import ImageVAE, ImageVAEConfig, save_image_vae
-from cvvae_core.training import LossConfig, TrainConfig, TrainConfigError, Trainer, regularization_targets
+from cvvae_core.io.image_vae_file import save_image_vae
+from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig
+from cvvae_core.train.trainer import LossConfig, TrainConfig, TrainConfigError, Trainer, regularization_targets
 
 IMAGE_CFG = dict(base_channels=8, channel_mult=(1, 2, 2, 2), blocks_per_level=1, norm_groups=4, norm_eps=1e-5,
                  quant_conv=False)

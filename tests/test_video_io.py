@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cvvae_core.errors import VideoFileError, VideoNotFoundError
-from cvvae_core.video_io import read_video, write_video
+from cvvae_core.io.video import read_video, write_video
 
 
 @pytest.fixture

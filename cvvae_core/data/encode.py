@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .distributed import init_distributed  # noqa: F401 - also imported from here
-from .errors import DatasetRunMismatchError, InjectedFaultError, InputError
-from .video_io import read_video
+from ..devices import DTYPES, resolve_device
+from ..distributed import init_distributed  # noqa: F401 - also imported from here
+from ..errors import DatasetRunMismatchError, InjectedFaultError, InputError
+from ..io.video import read_video
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 OUTPUT_MODES = ("mean", "sample", "mean+logvar")
@@ -209,7 +210,7 @@ def cut_torn_line(path: Path):
 
 def write_shard(path: Path, tensors: dict, metadata: dict):
     """Write a safetensors shard under a temporary name, fsync it and rename it into place."""
-    from .checkpoint import write_safetensors
+    from ..io.checkpoint import write_safetensors
 
     tmp = path.with_name(f".{path.name}.tmp")
     write_safetensors(tensors, tmp, metadata)
@@ -326,11 +327,10 @@ def _remove_unreferenced_shards(out: Path, rank: int):
 
 def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
     """Encode ``opts.videos`` into ``opts.out`` (see the module docstring); resumes what is there."""
-    from .checkpoint import build_model, read_state_dict
-    from .cli import DTYPES, resolve_device
-    from .model import sample_posterior
-    from .progress import TextProgress
-    from .tiling import TilingOptions, encode_moments
+    from ..io.checkpoint import build_model, read_state_dict
+    from ..model.cvvae import sample_posterior
+    from ..progress import TextProgress
+    from ..tiling.runner import TilingOptions, encode_moments
 
     out = Path(opts.out)
     fault_after = opts.fault_after_clips

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
-from .video_io import write_png
+from ..errors import InputError
+from ..io.video import write_png
 
 PANEL_W, PANEL_H = 560, 220
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 70, 16, 28, 24

@@ -10,52 +10,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import CVVAEError, DistributedRunError, InputError
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-# Argument types: bad numbers are refused while parsing, with what is allowed, before any work.
-def int_at_least(minimum: int, multiple_of: int = 1):
-    """An argparse ``type``: an integer >= ``minimum`` that is a multiple of ``multiple_of``."""
-    allowed = f"a multiple of {multiple_of}, at least {minimum}" if multiple_of > 1 else f"an integer >= {minimum}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        if value < minimum or value % multiple_of:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
-        return value
-    return parse
-
-
-def device_name(text: str) -> str:
-    """An argparse ``type``: 'auto' or a name torch.device understands (cpu, cuda, cuda:1, mps)."""
-    if text != "auto":
-        try:
-            torch.device(text)
-        except RuntimeError:
-            raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}") from None
-    return text
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    return None if name == "auto" else DTYPES[name]
-
+from ..devices import DTYPES, resolve_device, resolve_dtype
+from .args import device_name, int_at_least
+from ..errors import CVVAEError, DistributedRunError, InputError
 
 def cmd_info(args) -> int:
-    from .checkpoint import build_model, read_state_dict
+    from ..io.checkpoint import build_model, read_state_dict
 
     sd, hints = read_state_dict(args.checkpoint, allow_pickle=args.allow_pickle)
     file_dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
@@ -86,7 +46,7 @@ def cmd_info(args) -> int:
 def cmd_reconstruct(args) -> int:
     if not args.distributed:
         return _reconstruct(args, rank=0)
-    from .distributed import TileGroup, init_distributed
+    from ..distributed import TileGroup, init_distributed
 
     if args.tiling != "seamless":
         raise InputError(f"--distributed shares the seamless engine's tiles; it does not apply to --tiling {args.tiling}")
@@ -119,10 +79,10 @@ def _reconstruct(args, rank: int, group=None) -> int:
     """Every rank computes (sharing tiles when ``--distributed``); rank 0 alone prints and writes.
     With a ``group`` (:class:`~cvvae_core.distributed.TileGroup`), a failure on any rank, before,
     in or after the engine, stops every rank with DistributedRunError."""
-    from . import load_model
-    from .progress import TextProgress
-    from .tiling import TilingOptions
-    from .video_io import check_output_path, read_video, to_model_range
+    from ..io.checkpoint import load_model
+    from ..progress import TextProgress
+    from ..tiling.runner import TilingOptions
+    from ..io.video import check_output_path, read_video, to_model_range
 
     def guarded(fn):
         if group is None:
@@ -134,7 +94,7 @@ def _reconstruct(args, rank: int, group=None) -> int:
     def prepare():
         check_output_path(args.output)  # before minutes of work, not after
         model = load_model(args.checkpoint, device=device,
-                           dtype=resolve_dtype(args.dtype, device), allow_pickle=args.allow_pickle)
+                           dtype=resolve_dtype(args.dtype), allow_pickle=args.allow_pickle)
         frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
         return model, frames, fps
 
@@ -168,8 +128,8 @@ def _reconstruct(args, rank: int, group=None) -> int:
 
 
 def _write_outputs(args, frames, fps, video, enc, recon, seconds):
-    from . import metrics
-    from .video_io import side_by_side_strip, to_uint8, write_png, write_video
+    from .. import metrics
+    from ..io.video import side_by_side_strip, to_uint8, write_png, write_video
 
     target = video[:, :, : recon.shape[2], : recon.shape[3], : recon.shape[4]]
     out_frames = to_uint8(recon)
@@ -213,7 +173,8 @@ def build_parser(prog: str = "cvvae") -> argparse.ArgumentParser:
                    help="under torchrun: share the seamless tiles of the clip among the ranks (rank 0 writes)")
     p.set_defaults(func=cmd_reconstruct)
 
-    from . import cli_dataset, cli_train  # train, inflate, compat, demo; encode-dataset, merge
+    from . import dataset as cli_dataset
+    from . import train as cli_train  # train, inflate, compat, demo; encode-dataset, merge
 
     cli_train.register(sub)
     cli_dataset.register(sub)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UnsupportedLayerError
-from .layers import ClipPadding, FrameConv2d, GroupNormSiLU, ResnetBlock, SpatialAttention, Upsample, WindowConv3d
+from ..errors import UnsupportedLayerError
+from ..model.layers import ClipPadding, FrameConv2d, GroupNormSiLU, ResnetBlock, SpatialAttention, Upsample, WindowConv3d
 
 Range = tuple[int, int]
 Box = tuple[Range, Range, Range]  # a piece: half-open frames, rows, columns

@@ -32,10 +32,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import CVVAEConfig
-from .image_vae import ImageVAE
-from .model import CVVAE
-from .synthetic import SyntheticConfig, generate_batch
+from ..spec import CVVAEConfig
+from ..model.image_vae import ImageVAE
+from ..model.cvvae import CVVAE
+from ..data.synthetic import SyntheticConfig, generate_batch
 
 TEMPORAL_ATTN = "decoder.mid.attn_1."
 TEMPORAL_NAMES = ("norm_t", "q_t", "k_t", "v_t", "proj_out_t")
@@ -138,7 +138,7 @@ def inflate(image_vae: ImageVAE, calibration_latents: torch.Tensor | None = None
 def single_frame_gap(model: CVVAE, image_vae: ImageVAE, images: torch.Tensor) -> dict:
     """How far the video model is from the image model on single frames ``[N, 3, H, W]``:
     max |latent difference| and PSNR between the two reconstructions (video model run with T=1)."""
-    from .metrics import psnr
+    from ..metrics import psnr
 
     model, image_vae = model.float().cpu(), image_vae.float().cpu()
     z_img = image_vae.encode(images)

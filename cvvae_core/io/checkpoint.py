@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .config import CVVAEConfig
-from .errors import (CheckpointCorruptError, CheckpointKeyError, CheckpointNotFoundError, ForeignCheckpointError,
+from ..devices import default_dtype
+from ..spec import CVVAEConfig
+from ..errors import (CheckpointCorruptError, CheckpointKeyError, CheckpointNotFoundError, ForeignCheckpointError,
                      PickleRefusedError)
-from .model import CVVAE
+from ..model.cvvae import CVVAE
+from .builtin import builtin_path, is_builtin
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 RELEASE_SUBFOLDERS = ("vae3d", "vae3d_v1-1", "vae3d_sd3")
@@ -29,7 +31,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 ANCHOR = "encoder.conv_in.weight"
 OFFICIAL_CLASS = {"sd": "CVVAEModel", "sd3": "CVVAESD3Model"}
-BUILTIN = "builtin"
 
 
 # Key translation (SD3 official names <-> internal names) ------------------------------------
@@ -250,9 +251,7 @@ def resolve_path(path, subfolder: str | None = None) -> tuple[Path, dict]:
 
     ``"builtin"`` names the small model that ships inside the package (a folder of that name in
     the working directory is reached as ``"./builtin"``)."""
-    if os.fspath(path) == BUILTIN:
-        from .builtin import builtin_path  # imported here: builtin.py builds on this module
-
+    if is_builtin(path):
         return builtin_path(), {}
     path = Path(os.fspath(path)).expanduser()
     if not path.exists():
@@ -339,13 +338,6 @@ def _check_keys(model_sd: dict, sd: dict, cfg: CVVAEConfig, source: str):
                      "(CV-VAE releases have none).")
     lines.append("  Use an unmodified vae3d / vae3d_v1-1 / vae3d_sd3 release file.")
     raise CheckpointKeyError("\n".join(lines))
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 on CUDA where supported, else fp16."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def build_model(sd: dict, hints: dict | None = None, source: str = "checkpoint",

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import VideoFileError, VideoNotFoundError
+from ..errors import VideoFileError, VideoNotFoundError
 
 #: Containers ``write_video`` writes (H.264 in MP4, Matroska or QuickTime).
 OUTPUT_SUFFIXES = (".mp4", ".mkv", ".mov")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointKeyError, CheckpointNotFoundError
+from ..errors import CheckpointKeyError, CheckpointNotFoundError
 
 #: torchvision vgg16().features: conv widths, "M" = max-pool.
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .image_vae import ImageVAE
-from .metrics import psnr, ssim
-from .model import CVVAE
-from .synthetic import SyntheticConfig, generate_clip
-from .video_io import read_video, to_model_range
+from ..errors import InputError
+from ..model.image_vae import ImageVAE
+from ..metrics import psnr, ssim
+from ..model.cvvae import CVVAE
+from ..data.synthetic import SyntheticConfig, generate_clip
+from ..io.video import read_video, to_model_range
 
 
 def load_clip(spec: str, frames: int = 17, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, TrainingDataError, VideoFileError
+from ..errors import InputError, TrainConfigError, TrainingDataError, VideoFileError
 from .synthetic import SyntheticConfig, generate_clip
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
@@ -71,7 +71,6 @@ class DataConfig:
     workers: int | None = None         # DataLoader worker processes per rank; None: 2 for videos, 0 synthetic
 
     def __post_init__(self):
-        from .training import TrainConfigError
 
         if self.videos is None and not self.synthetic:
             self.synthetic = True
@@ -92,7 +91,6 @@ class DataConfig:
 
     def check_crop(self, height: int, width: int):
         """A crop that cannot fit the resized frame is an error in the config, found before any work."""
-        from .training import TrainConfigError
 
         if self.resize is not None and self.resize < max(height, width):
             raise TrainConfigError(
@@ -212,7 +210,7 @@ def probe(src: Source, frames: int, cfg: DataConfig) -> Video:
     """Open ``src`` and read what sampling needs (no decoding); raises InputError when unusable."""
     import av
 
-    from .video_io import _open_error
+    from ..io.video import _open_error
 
     try:
         container = av.open(src.path)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import DTYPES, device_name, int_at_least
+from ..devices import DTYPES
+from .args import device_name, int_at_least
 
 
 def size_hw(text: str) -> tuple[int, int]:
@@ -50,7 +51,7 @@ def register(subparsers) -> None:
 
 
 def cmd_encode_dataset(args) -> int:
-    from .dataset_encode import EncodeOptions, encode_dataset
+    from ..data.encode import EncodeOptions, encode_dataset
 
     opts = EncodeOptions(model=args.checkpoint, videos=args.videos, out=args.out, frames=args.frames,
                          height=args.size[0], width=args.size[1], frame_stride=args.stride, windows=args.windows,
@@ -66,7 +67,7 @@ def cmd_encode_dataset(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .dataset_encode import merge
+    from ..data.encode import merge
 
     clips, failed = merge(args.out)
     print(f"merged   {clips} clips into {args.out}/index.jsonl, {failed} failed videos into {args.out}/errors.jsonl")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CVVAEConfig
+from ..spec import CVVAEConfig
 
 Amounts = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (before, after) for T, H, W
 

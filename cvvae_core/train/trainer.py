@@ -62,20 +62,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_model, save_model
-from .errors import CVVAEError, TrainingDataError
-from .image_vae import ImageVAE, ImageVAEConfig, load_image_vae, save_image_vae
+from ..io.checkpoint import load_model, save_model
+from ..errors import CVVAEError, TrainConfigError, TrainingDataError
+from ..io.image_vae_file import load_image_vae, save_image_vae
+from ..model.image_vae import ImageVAE, ImageVAEConfig
 from .inflate import inflate, video_config
 from .lpips import load_lpips
-from .model import CVVAE
-from .progress import TextProgress
-from .train_data import DataConfig, TrainData, build_data, collate, seed_of
+from ..model.cvvae import CVVAE
+from ..progress import TextProgress
+from ..data.clips import DataConfig, TrainData, build_data, collate, seed_of
 
 MODELS = ("image_vae", "cvvae")
-
-
-class TrainConfigError(CVVAEError, ValueError):
-    """A training configuration that cannot be run as written."""
 
 
 @dataclass
@@ -187,7 +184,7 @@ def kl_per_sample(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def ssim_map_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Differentiable ``1 - SSIM`` per image, inputs [N, C, H, W] in [-1, 1] -> [N]."""
-    from .metrics import _gaussian_window
+    from ..metrics import _gaussian_window
 
     c = x.shape[1]
     g = _gaussian_window(dtype=x.dtype, device=x.device)
@@ -307,8 +304,8 @@ def checkpoint_blocks(model: nn.Module) -> int:
     Returns the count wrapped."""
     from torch.utils.checkpoint import checkpoint
 
-    from .image_vae import MidBlock2D, ResnetBlock2D
-    from .layers import ResnetBlock, SpatialAttention
+    from ..model.image_vae import MidBlock2D, ResnetBlock2D
+    from ..model.layers import ResnetBlock, SpatialAttention
 
     kinds = (ResnetBlock, SpatialAttention, ResnetBlock2D, MidBlock2D)
     wrapped = []
@@ -513,8 +510,8 @@ class Trainer:
     def validate(self, clips: list[torch.Tensor]) -> dict:
         """Mean over the held-out clips: video reconstruction PSNR/SSIM and, for a CV-VAE with its
         image VAE, the compatibility measure (:func:`cvvae_core.compat.compat_report`)."""
-        from .compat import compat_report
-        from .metrics import psnr, ssim
+        from .compatibility import compat_report
+        from ..metrics import psnr, ssim
 
         self.model.eval()
         rows = []
@@ -648,7 +645,7 @@ def _shared_data(cfg: TrainConfig, rank: int, world: int, log: RunLog) -> TrainD
 def train(cfg: TrainConfig, device=None, resume: bool = True) -> Path:
     """Run (or resume) a training run; returns the output folder. Under torchrun every rank calls
     this (joining the process group here); rank 0 alone writes."""
-    from .distributed import init_distributed
+    from ..distributed import init_distributed
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .cli import device_name, int_at_least, resolve_device
-from .config import IMAGE_FAMILIES, family_of
-from .errors import CVVAEError, UnknownImageFamilyError
+from ..devices import resolve_device
+from .args import device_name, int_at_least
+from ..spec import IMAGE_FAMILIES, family_of
+from ..errors import CVVAEError, UnknownImageFamilyError
 
 FAMILY_HELP = ("the image VAE's family, for its latent scale/shift: needed for an SDXL or FLUX.1 VAE file without "
                "a config (their shapes are those of SD1.x and SD3); default: from the file, else sd1 for 4 "
@@ -81,7 +82,7 @@ def register(subparsers) -> None:
 
 
 def cmd_train(args) -> int:
-    from .training import TrainConfig, train
+    from ..train.trainer import TrainConfig, train
 
     cfg = TrainConfig.from_json(args.config)
     if args.out:
@@ -112,7 +113,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_run
+    from ..train.plot import plot_run
 
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
@@ -121,19 +122,16 @@ def cmd_plot(args) -> int:
 def load_image_vae_arg(spec: str, device=None, family: str | None = None):
     """The image VAE named on the command line: 'builtin' (the built-in image VAE, whose latent
     space the built-in CV-VAE shares) or a file; a CV-VAE file is refused with what to give."""
-    from .builtin import load_builtin_image_vae
-    from .image_vae import load_image_vae
+    from ..io.image_vae_file import load_image_vae
 
-    if spec == "builtin":
-        return load_builtin_image_vae(device)
     return load_image_vae(spec, device, family=family)
 
 
 def cmd_inflate(args) -> int:
-    from .checkpoint import save_model
-    from .image_vae import image_family
-    from .inflate import default_calibration_latents, inflate, single_frame_gap
-    from .synthetic import SyntheticConfig, generate_batch
+    from ..io.checkpoint import save_model
+    from ..io.image_vae_file import image_family
+    from ..train.inflate import default_calibration_latents, inflate, single_frame_gap
+    from ..data.synthetic import SyntheticConfig, generate_batch
 
     if args.family and args.image_vae == "builtin":
         raise UnknownImageFamilyError("--family is for an image VAE file; the built-in image VAE has its own "
@@ -157,8 +155,8 @@ def cmd_inflate(args) -> int:
 
 
 def cmd_compat(args) -> int:
-    from .checkpoint import load_model
-    from .compat import compat_report, format_report, load_clip
+    from ..io.checkpoint import load_model
+    from ..train.compatibility import compat_report, format_report, load_clip
 
     device = resolve_device(args.device) if args.device else None
     video_vae = load_model(args.video_ckpt, device, torch.float32)
@@ -177,12 +175,14 @@ def clip_strip(video: torch.Tensor) -> torch.Tensor:
 
 
 def cmd_demo(args) -> int:
-    from .builtin import builtin_path, load_builtin, load_builtin_image_vae
-    from .compat import compat_report, format_report
-    from .synthetic import SyntheticConfig, generate_clip
-    from .video_io import write_png
+    from ..io.builtin import builtin_path
+    from ..io.checkpoint import load_model
+    from ..io.image_vae_file import load_image_vae
+    from ..train.compatibility import compat_report, format_report
+    from ..data.synthetic import SyntheticConfig, generate_clip
+    from ..io.video import write_png
 
-    model, image_vae = load_builtin(dtype=torch.float32), load_builtin_image_vae()
+    model, image_vae = load_model("builtin", dtype=torch.float32), load_image_vae("builtin")
     h, w = args.size
     clip = generate_clip(args.seed, SyntheticConfig(frames=args.frames, height=h, width=w)).unsqueeze(0)
     report = compat_report(model, image_vae, clip)

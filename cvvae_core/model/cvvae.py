@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from . import frames as frame_rules
-from . import tiling as tiling_engine
-from .config import CVVAEConfig
+from ..spec import CVVAEConfig
 from .layers import (ResnetBlock, Upsample, causal_conv3d, decoder_conv3d, downsample_conv3d, group_norm_silu,
                      mid_block)
 
@@ -173,7 +172,7 @@ class CVVAE(nn.Module):
         return self.split_moments(self.encode_moments(video))
 
     def _encode_moments(self, video: torch.Tensor, tiling) -> torch.Tensor:
-        return self.encode_moments(video) if tiling is None else tiling_engine.encode_moments(self, video, tiling)
+        return self.encode_moments(video) if tiling is None else tiling.encode_moments(self, video)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
@@ -183,8 +182,8 @@ class CVVAE(nn.Module):
 
         Returns the posterior mean [B, C, 1+k, H/8, W/8] (a sample when ``sample=True``).
         ``tiling=None`` runs the whole clip at once: result in the model's dtype on its device.
-        A :class:`~cvvae_core.tiling.TilingOptions` runs the tiling/streaming engine: result in
-        float32 on ``tiling.output_device``.
+        A :class:`~cvvae_core.tiling.TilingOptions` runs the tiling engine (it sits above the model,
+        so the options carry the entry points): result in float32 on ``tiling.output_device``.
         """
         frame_rules.check_video(video, self.config)
         mean, logvar = self.split_moments(self._encode_moments(video, tiling))
@@ -209,7 +208,7 @@ class CVVAE(nn.Module):
         :meth:`encode`."""
         latent, adjust = frame_rules.unwrap(latent)
         frame_rules.check_latent(latent, self.config)
-        video = self.decode_latent(latent) if tiling is None else tiling_engine.decode_latent(self, latent, tiling)
+        video = self.decode_latent(latent) if tiling is None else tiling.decode_latent(self, latent)
         return frame_rules.restore(video, adjust)
 
     def forward(self, video: torch.Tensor, generator: torch.Generator | None = None):

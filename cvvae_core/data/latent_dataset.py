@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 
 class LatentDataset(torch.utils.data.Dataset):

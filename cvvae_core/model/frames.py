@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .config import CVVAEConfig
-from .errors import ChannelMismatchError, FrameCountError, InputError
+from ..spec import CVVAEConfig
+from ..errors import ChannelMismatchError, FrameCountError, InputError
 
 POLICIES = ("error", "pad", "trim")
 

@@ -39,9 +39,9 @@ from typing import Callable
 
 import torch
 
-from . import streaming as st
-from .distributed import TileGroup
-from .errors import CancelledError, InputError, OutOfMemoryError
+from . import executor as st
+from ..distributed import TileGroup
+from ..errors import CancelledError, InputError, OutOfMemoryError
 
 MODES = ("seamless", "official")
 
@@ -90,6 +90,13 @@ class TilingOptions:
             raise InputError(f"tile_size must be a positive multiple of 8 pixels, got {self.tile_size}")
         if self.chunk_frames is not None and self.chunk_frames < 1:
             raise InputError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+
+    # ``CVVAE.encode(tiling=opts)`` / ``decode`` call these: the model layer does not import the engine.
+    def encode_moments(self, model, video: torch.Tensor) -> torch.Tensor:
+        return encode_moments(model, video, self)
+
+    def decode_latent(self, model, latent: torch.Tensor) -> torch.Tensor:
+        return decode_latent(model, latent, self)
 
 
 # ------------------------------------------------------------------------------------------

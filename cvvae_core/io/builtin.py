@@ -1,23 +1,27 @@
-"""The built-in model: a small CV-VAE and the small image VAE whose latent space it shares.
+"""Where the built-in models live: a small CV-VAE and the small image VAE whose latent space it shares.
 
-Both were trained by this project on procedurally generated videos (:mod:`cvvae_core.synthetic`)
+Both were trained by this project on procedurally generated videos (:mod:`cvvae_core.data.synthetic`)
 with the configurations in ``cvvae_core/train_configs/``; they ship as fp16 safetensors so the
 pack works with no download. They are demo/test models (64x64-scale content), not replacements
-for the released CV-VAE.
+for the released CV-VAE. Loaders take the name ``builtin`` for them (``load_model("builtin")``,
+``load_image_vae("builtin")``).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import torch
+from ..errors import CheckpointNotFoundError
 
-from .checkpoint import load_model
-from .errors import CheckpointNotFoundError
-from .image_vae import ImageVAE, load_image_vae
-from .model import CVVAE
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "train_configs"
+#: The name every loader and command takes for a built-in model (a folder of that name in the
+#: working directory is reached as ``./builtin``).
+BUILTIN = "builtin"
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-BUILTIN_NAME = "cvvae-builtin-tiny"
+
+def is_builtin(path) -> bool:
+    return os.fspath(path) == BUILTIN
 
 
 def _existing(path: Path) -> Path:
@@ -35,12 +39,3 @@ def builtin_path() -> Path:
 def builtin_image_vae_path() -> Path:
     """The built-in image VAE (LDM layout) whose frozen decoder the built-in CV-VAE was trained against."""
     return _existing(WEIGHTS_DIR / "builtin_image_vae.safetensors")
-
-
-def load_builtin(device=None, dtype=None) -> CVVAE:
-    """The built-in CV-VAE, with :func:`cvvae_core.load_model`'s device/dtype defaults."""
-    return load_model(builtin_path(), device=device, dtype=dtype)
-
-
-def load_builtin_image_vae(device=None, dtype=torch.float32) -> ImageVAE:
-    return load_image_vae(builtin_image_vae_path(), device=device, dtype=dtype)

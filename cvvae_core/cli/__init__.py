@@ -1,0 +1,1 @@
+"""The command line ``cvvae`` / ``python -m cvvae_core``: one module per group of subcommands."""
