@@ -51,24 +51,27 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, de
     return g / g.sum()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
-    """Mean per-frame SSIM between two videos (or image batches); frames must be at least 11x11."""
-    x, y = _pair(a, b, value_range)
-    if min(x.shape[-2:]) < 11:
-        raise InputError(f"SSIM needs frames of at least 11x11 pixels, got {list(x.shape[-2:])}")
+def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM (11x11 Gaussian window, sigma 1.5, valid positions only) of each image pair: [N, C, H, W]
+    in [0, 1] -> [N], in the inputs' dtype and differentiable (the training loss uses it too)."""
     c = x.shape[1]
-    g = _gaussian_window(device=x.device)
+    g = _gaussian_window(dtype=x.dtype, device=x.device)
     # Separable Gaussian: filter rows, then columns, one group per channel.
-    wh = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-    wv = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+    wh, wv = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
 
     def blur(t):
         return F.conv2d(F.conv2d(t, wh, groups=c), wv, groups=c)
 
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return float(ssim_map.flatten(1).mean(1).mean())
+    var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+    """Mean per-frame SSIM between two videos (or image batches); frames must be at least 11x11."""
+    x, y = _pair(a, b, value_range)
+    if min(x.shape[-2:]) < 11:
+        raise InputError(f"SSIM needs frames of at least 11x11 pixels, got {list(x.shape[-2:])}")
+    return float(ssim_per_image(x, y).mean())

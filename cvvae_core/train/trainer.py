@@ -69,6 +69,7 @@ from ..model.image_vae import ImageVAE, ImageVAEConfig
 from .inflate import inflate, video_config
 from .lpips import load_lpips
 from ..model.cvvae import CVVAE
+from ..metrics import ssim_per_image
 from ..progress import TextProgress
 from ..data.clips import DataConfig, TrainData, build_data, collate, seed_of
 
@@ -184,21 +185,7 @@ def kl_per_sample(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def ssim_map_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Differentiable ``1 - SSIM`` per image, inputs [N, C, H, W] in [-1, 1] -> [N]."""
-    from ..metrics import _gaussian_window
-
-    c = x.shape[1]
-    g = _gaussian_window(dtype=x.dtype, device=x.device)
-    wh, wv = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-
-    def blur(t):
-        return F.conv2d(F.conv2d(t, wh, groups=c), wv, groups=c)
-
-    x, y = (x.clamp(-1, 1) + 1) / 2, (y + 1) / 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return 1 - s.flatten(1).mean(1)
+    return 1 - ssim_per_image((x.clamp(-1, 1) + 1) / 2, (y + 1) / 2)
 
 
 def regularization_targets(video: torch.Tensor, target_type: str, generator: torch.Generator,
