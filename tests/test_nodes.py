@@ -185,21 +185,22 @@ def reference_video(vae, lat):
     return ((vae.cvvae_model.decode(lat) + 1) / 2).clamp(0, 1).movedim(1, -1)
 
 
-# ComfyUI generations: 0.3x reads comfy_has_chunked_io, 0.8.0 does not (comfy.sd.CHUNKED_IO in the stand-in).
-# The CV-VAE asks for chunked io when ComfyUI's output lives on another device than the model (GPU
-# decode, output in CPU RAM): the stand-in runs on CPU, so the tests move the "output device" away.
-GENERATIONS = {"comfy-0.3x-chunked": (True, "cuda"), "comfy-0.3x-same-device": (True, "cpu"),
-               "comfy-0.8-fallback": (False, "cuda")}
+# ComfyUI generations (comfy.sd.GENERATION in the stand-in): 0.3x and newer read comfy_has_chunked_io,
+# 0.8.0 does not. The CV-VAE asks for chunked io when ComfyUI's output lives on another device than
+# the model (GPU decode, output in CPU RAM): the stand-in runs on CPU, so the tests move the "output
+# device" away.
+GENERATIONS = {"comfy-0.33-chunked": ("0.33", "cuda"), "comfy-0.38-chunked": ("0.38", "cuda"),
+               "comfy-0.33-same-device": ("0.33", "cpu"), "comfy-0.8": ("0.8", "cuda")}
 
 
 @pytest.fixture(params=list(GENERATIONS))
 def generation(request, monkeypatch):
     """Whether the stand-in ComfyUI takes its chunked-io branch for the CV-VAE in this case."""
     import comfy.sd
-    reads_flag, output_device = GENERATIONS[request.param]
-    monkeypatch.setattr(comfy.sd, "CHUNKED_IO", reads_flag)
+    version, output_device = GENERATIONS[request.param]
+    monkeypatch.setattr(comfy.sd, "GENERATION", version)
     monkeypatch.setattr(mm, "intermediate_device", lambda: torch.device(output_device))
-    return reads_flag and output_device != "cpu"
+    return comfy.sd.since("0.33") and output_device != "cpu"
 
 
 def test_chunked_io_is_asked_for_only_when_the_output_is_on_another_device(vae, generation):
@@ -255,8 +256,10 @@ def test_decode_output_shape_is_what_decode_returns(vae):
 def test_memory_estimates_grow_with_frames_and_dtype(vae):
     a = vae.memory_used_decode((1, 4, 2, 8, 8), torch.float32)
     assert vae.memory_used_decode((1, 4, 5, 8, 8), torch.float32) > 2 * a
-    # half the activations; the float32 output (on this one-device host) stays
-    assert a / 2 < vae.memory_used_decode((1, 4, 2, 8, 8), torch.float16) < a
+    # the model runs in the dtype it was built in: half the activations; the float32 output (on this
+    # one-device host) stays
+    half = run(nodes.CVVAELoader, model_name="tiny_cvvae.safetensors", dtype="fp16")[0]
+    assert a / 2 < half.memory_used_decode((1, 4, 2, 8, 8), torch.float16) < a
     assert vae.memory_used_decode((3, 4, 8, 8), torch.float32) > 0
     assert vae.memory_used_encode((1, 3, 9, 64, 64), torch.float32) > vae.memory_used_encode((1, 3, 1, 64, 64),
                                                                                              torch.float32)
