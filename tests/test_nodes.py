@@ -383,7 +383,7 @@ def test_adapter_pads_and_trims_to_a_target_count():
 def test_adapter_checks_channels_and_mode(vae):
     with pytest.raises(ValueError, match="16 channels.*uses 4"):
         run(nodes.CVVAELatentAdapter, samples={"samples": torch.randn(14, 16, 2, 3)}, mode="auto", vae=vae)
-    with pytest.raises(ValueError, match="4 \\(SD/SVD\\) or 16"):
+    with pytest.raises(ValueError, match="have 4 or 16"):
         run(nodes.CVVAELatentAdapter, samples={"samples": torch.randn(14, 12, 2, 3)}, mode="auto")
     with pytest.raises(ValueError, match="already a video"):
         run(nodes.CVVAELatentAdapter, samples={"samples": torch.randn(1, 4, 3, 2, 3)}, mode="batch_to_video")
