@@ -46,6 +46,7 @@ from ..cvvae_core import load_model, tiling
 from ..cvvae_core.devices import DTYPES
 from ..cvvae_core.errors import FrameCountError
 from ..cvvae_core.model.frames import check_latent
+from ..cvvae_core.tiling.runner import FREE_MEMORY_SHARE, MIN_TILE
 from . import runtime
 
 log = logging.getLogger("CV-VAE")
@@ -62,8 +63,9 @@ class CVVAEFirstStage(nn.Module):
     compute device. Older ComfyUI (0.8.0) never reads the flag and calls ``decode(z)`` / ``encode(x)``.
     """
 
-    #: ``memory_used_decode`` is the engine's own estimate of the plan it runs (tested against the
-    #: peaks it measures), so the newest ComfyUI may skip an untiled attempt that it says will not fit.
+    #: ``memory_used_decode`` is the estimate the engine plans by, for the plan :meth:`decode` then
+    #: runs (on an H200 it was above the measured peak: 30.5 vs 25.8 GiB, untiled 17 frames at
+    #: 576x1024), so when even that exceeds free memory the newest ComfyUI tiles straight away.
     comfy_decode_estimate_is_reliable = True
 
     @property
@@ -118,8 +120,6 @@ class CVVAEFirstStage(nn.Module):
 
     def run(self, direction, x: torch.Tensor, opts) -> torch.Tensor:
         """One engine pass; cancel and out-of-memory become what ComfyUI expects."""
-        if x.dim() == 4:  # one image (frame) per batch element
-            x = x.unsqueeze(2)
         with runtime.comfy_errors("encoding" if direction is tiling.ENCODE else "decoding"):
             if direction is tiling.ENCODE:
                 self.check_frames(x.shape[2])
@@ -153,19 +153,20 @@ class CVVAEFirstStage(nn.Module):
 
     def preferred_decode_tile(self, free_memory: int, dtype=None) -> int:
         """Newest ComfyUI's out-of-memory fallback asks this (latent pixels) for the clip ``VAE.decode``
-        is working on: the largest square tile whose engine plan fits ``free_memory``."""
+        is working on: the largest square tile whose engine plan fits ``free_memory`` (``dtype`` is the
+        model's own, which the estimate already uses)."""
         if self.decoding_shape is None:
             return 0  # not inside VAE.decode: ComfyUI keeps its own floor
         s = self.config.spatial_compression
         shape = (1, *self.decoding_shape[1:])
-        budget = int(free_memory * runtime.FREE_MEMORY_SHARE)
+        budget = int(free_memory * FREE_MEMORY_SHARE)
         tile = max(shape[3:]) * s
-        while tile > runtime.MIN_TILE:
+        while tile > MIN_TILE:
             opts = runtime.engine_options(tile_size=tile, output_device=self.output_device, memory_budget=budget)
             plan = tiling.plan_for(self.cvvae, tiling.DECODE, shape, opts, budget=budget)
             if tiling.estimate_memory(self.cvvae, tiling.DECODE, shape, plan, opts.output_device).total <= budget:
                 break
-            tile = max(runtime.MIN_TILE, tile // 2 // s * s)
+            tile = max(MIN_TILE, tile // 2 // s * s)
         return tile // s
 
     @contextlib.contextmanager
@@ -215,7 +216,7 @@ class CVVAEComfyVAE(comfy.sd.VAE):
         self.output_channels = cfg.in_channels
         self.not_video = True  # core VAEEncode: an IMAGE batch is separate images (frame-wise)
         s, tc = cfg.spatial_compression, cfg.time_compression
-        self.upscale_ratio = (lambda k: max(0, cfg.video_frames(k)) if k > 0 else 0, s, s)
+        self.upscale_ratio = (lambda k: cfg.video_frames(k) if k > 0 else 0, s, s)
         self.downscale_ratio = (lambda n: cfg.latent_frames(n) if n > 0 else 0, s, s)
         self.upscale_index_formula = (tc, s, s)
         self.downscale_index_formula = (tc, s, s)

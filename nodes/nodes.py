@@ -125,8 +125,8 @@ class CVVAEVideoEncode(io.ComfyNode):
         return io.Schema(
             node_id="CVVAEVideoEncode", display_name="CV-VAE Video Encode", category=CATEGORY,
             description="Encodes IMAGE frames as ONE video: N frames -> a 5D latent [1, C, 1+(N-1)/4, H/8, W/8]. "
-                        "With tiling auto, seamless or none the result is the same (the exact engine): tiling trades memory "
-                        "for time.",
+                        "With tiling auto, seamless or none the result is the same (the exact engine): tiling "
+                        "trades memory for time.",
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE from 'Load CV-VAE'."),
                 io.Image.Input("images", tooltip="Video frames [N, H, W, 3] in 0..1, in time order."),
@@ -163,8 +163,8 @@ class CVVAEVideoDecode(io.ComfyNode):
             node_id="CVVAEVideoDecode", display_name="CV-VAE Video Decode", category=CATEGORY,
             description="Decodes a 5D video latent [B, C, 1+k, h, w] to 1+4k IMAGE frames per video (also one "
                         "loaded with Load Latent). For a 4D frames-as-batch latent (SD/SVD) first use 'CV-VAE Latent "
-                        "Adapter' (batch_to_video). With tiling auto, seamless or none the frames are the same (the exact "
-                        "engine).",
+                        "Adapter' (batch_to_video). With tiling auto, seamless or none the frames are the same "
+                        "(the exact engine).",
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE from 'Load CV-VAE'; its channels (4 or 16) must match the latent."),
                 io.Latent.Input("samples", tooltip="A 5D video latent, e.g. from CV-VAE Video Encode or the adapter. "

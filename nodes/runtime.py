@@ -11,7 +11,6 @@ import comfy.utils
 from ..cvvae_core.errors import CancelledError, OutOfMemoryError
 from ..cvvae_core import tiling
 from ..cvvae_core.tiling import TilingOptions
-from ..cvvae_core.tiling.runner import FREE_MEMORY_SHARE, MIN_TILE  # noqa: F401  (the planner's, for the VAE)
 
 TILING_MODES = ["auto", "seamless", "official", "none"]
 
