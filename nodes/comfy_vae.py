@@ -221,6 +221,7 @@ class CVVAEComfyVAE(comfy.sd.VAE):
         self.upscale_index_formula = (tc, s, s)
         self.downscale_index_formula = (tc, s, s)
         self.handles_tiling = True  # ComfyUI 0.3x+: its tiled fallback calls the first stage's *_tiled
+        # ComfyUI passes vae_dtype, the model's own dtype, which the engine's estimate already uses.
         self.memory_used_encode = lambda shape, dtype: self.pass_bytes(tiling.ENCODE, shape)
         self.memory_used_decode = lambda shape, dtype: self.pass_bytes(tiling.DECODE, shape)
         self.working_dtypes = list(WORKING_DTYPES)

@@ -225,7 +225,8 @@ def test_core_tiled_nodes_and_a_saved_latent_give_the_video_decode_frames(server
         "9": {"class_type": "VAEEncodeTiled", "inputs": {"pixels": clip, "vae": vae, "tile_size": 64, "overlap": 16,
                                                          "temporal_size": 8, "temporal_overlap": 4}},
         "10": {"class_type": "VAEEncode", "inputs": {"pixels": clip, "vae": vae}},
-        "11": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "check/core_encode_tiled"}},
+        "11": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0],
+                                                      "filename_prefix": "check/core_encode_tiled"}},
         "12": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "check/core_encode"}},
     }
     entry = server.run_prompt(prompt, timeout=900)

@@ -159,7 +159,8 @@ class VAE:
         return self.encode_tiled_3d(pixel_samples, tile_t=tile_t, tile_x=tile_x, tile_y=tile_y, overlap=overlap)
 
     def encode_tiled_3d(self, samples, tile_t=9999, tile_x=512, tile_y=512, overlap=(1, 64, 64)):
-        return self.first_stage_model.encode(self.process_input(samples).to(self.vae_dtype)).to(self.output_device).float()
+        out = self.first_stage_model.encode(self.process_input(samples).to(self.vae_dtype))
+        return out.to(self.output_device).float()
 
     def decode(self, samples_in, vae_options={}):
         self.throw_exception_if_invalid()
