@@ -71,10 +71,11 @@ class CVVAEFirstStage(nn.Module):
     @property
     def comfy_has_chunked_io(self) -> bool:
         """True when decoding on another device than ComfyUI's output (a GPU, output in CPU RAM): the
-        decoded clip then goes from the GPU straight into ComfyUI's buffer, instead of into a CPU copy
-        that ComfyUI copies again into its output (one full-size copy less in RAM). On one device the
-        preallocated buffer would only sit next to the decoder's own output and activations: measured
-        in ComfyUI 0.33 on CPU, core VAE Decode of 25 frames at 576x1024 peaked 128 MiB higher with it."""
+        engine writes the decoded clip into CPU RAM piece by piece, and it is then copied once into
+        ComfyUI's preallocated output, where ComfyUI would otherwise copy it twice (into a fresh tensor,
+        then into its output). On one device the preallocated buffer would only sit next to the
+        decoder's own output: measured in ComfyUI 0.33 on CPU with the untiled decoder, core VAE Decode
+        of 25 frames at 576x1024 peaked 128 MiB higher with it."""
         return self.cvvae.device != torch.device(mm.intermediate_device())
 
     def __init__(self, cvvae, output_device):
