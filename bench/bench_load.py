@@ -1,20 +1,25 @@
-"""Where loaded weights live: in the buffers the safetensors reader returns, or in fresh aligned memory.
+"""How loaded weights are built: where they live, and in which dtype.
 
     python bench/bench_load.py                       # release-size vae3d, random weights, fp32, CPU
     python bench/bench_load.py --variant vae3d_sd3 --size 64x64 --frames 9
+    python bench/bench_load.py --modes fp32_then_cast working_dtype --dtype bf16 --frames 0
 
 The safetensors reader hands out one buffer per tensor at the offset the file gives it, so most
 of them are not 64-byte aligned (the PyTorch allocator aligns its own to 64). Kernels may take
 other code paths on unaligned data, and on some CPUs round the last bit differently. This
-script writes a release-size checkpoint with seeded random weights, then loads it in a fresh
-process per mode and prints, for each:
+script writes a release-size checkpoint with seeded random weights in the official layout (a
+release folder: config.json + diffusion_pytorch_model.safetensors), then loads its weights file in
+a fresh process per mode and prints, for each:
   load_s      wall time of read + build (median over --repeats processes)
   peak_mb     peak RSS of the process minus its RSS before loading
   aligned     share of parameters whose data pointer is 64-byte aligned
   encode_s / decode_s   median of 3 runs on a --frames x --size clip
-and the max |difference| of the two modes' latents (same weights; any difference is rounding).
-  file_buffers  the reader's tensors assigned as parameters (load_state_dict(assign=True))
-  aligned       what cvvae_core.load_model does: each tensor copied into fresh memory as it is read
+and the max |difference| of the first two modes' latents (same weights; any difference is rounding).
+  file_buffers   the reader's tensors assigned as parameters (load_state_dict(assign=True))
+  aligned        what cvvae_core.load_model does: each tensor copied into fresh memory as it is read
+  fp32_then_cast built in fp32, then cast to --dtype (a loader that leaves the cast to ComfyUI)
+  working_dtype  built straight in --dtype (what the ComfyUI loader does: one copy of the weights)
+--frames 0 skips the encode/decode timing (slow in fp16/bf16 on CPU).
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cvvae_core  # noqa: E402
 from cvvae_core.io import checkpoint  # noqa: E402
 
-MODES = ("file_buffers", "aligned")
+MODES = ("file_buffers", "aligned", "fp32_then_cast", "working_dtype")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def rss_mb() -> float:
@@ -61,14 +67,24 @@ def child(args) -> None:
     x = torch.rand(1, 3, args.frames, *args.hw, generator=torch.Generator().manual_seed(0)) * 2 - 1
     before = rss_mb()
     t0 = time.perf_counter()
-    model = load_file_buffers(args.ckpt) if args.mode == "file_buffers" else cvvae_core.load_model(args.ckpt)
+    dtype = DTYPES[args.dtype]
+    if args.mode == "file_buffers":
+        model = load_file_buffers(args.ckpt)
+    elif args.mode == "fp32_then_cast":
+        model = cvvae_core.load_model(args.ckpt, device="cpu", dtype=torch.float32).to(dtype)
+    elif args.mode == "working_dtype":
+        model = cvvae_core.load_model(args.ckpt, device="cpu", dtype=dtype)
+    else:
+        model = cvvae_core.load_model(args.ckpt)
     load_s = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     params = list(model.parameters())
     aligned = sum(p.data_ptr() % 64 == 0 for p in params) / len(params)
     times = {"encode_s": [], "decode_s": []}
+    x = x.to(model.dtype)
+    z = torch.zeros(())
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(3 if args.frames else 0):
             t0 = time.perf_counter()
             z = model.encode_moments(x)[:, :model.config.latent_channels]
             times["encode_s"].append(time.perf_counter() - t0)
@@ -77,7 +93,7 @@ def child(args) -> None:
             times["decode_s"].append(time.perf_counter() - t0)
     torch.save(z, args.out)
     print(json.dumps({"load_s": load_s, "peak_mb": peak_mb, "aligned": aligned,
-                      **{k: statistics.median(v) for k, v in times.items()}}))
+                      **{k: statistics.median(v) if v else float("nan") for k, v in times.items()}}))
 
 
 def main() -> None:
@@ -86,6 +102,9 @@ def main() -> None:
     ap.add_argument("--size", default="64x64", help="HxW of the clip encoded and decoded")
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--repeats", type=int, default=3, help="processes per mode (load time and peak are medians)")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[:2]), help="modes to compare")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                    help="working dtype of fp32_then_cast and working_dtype")
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -98,17 +117,18 @@ def main() -> None:
         tmp = Path(tmp)
         torch.manual_seed(0)
         model = cvvae_core.CVVAE(cvvae_core.PRESETS[args.variant])
-        ckpt = cvvae_core.save_model(model, tmp / "release.safetensors")
+        ckpt = cvvae_core.save_model(model, tmp / args.variant) / checkpoint.WEIGHTS_NAME
         del model
         print(f"{args.variant}: {ckpt.stat().st_size / 2**20:.0f} MiB fp32 file; clip {args.frames}x{args.size}; "
-              f"{torch.get_num_threads()} threads; {torch.backends.cpu.get_cpu_capability()}")
+              f"working dtype {args.dtype}; {torch.get_num_threads()} threads; "
+              f"{torch.backends.cpu.get_cpu_capability()}")
         rows, latents = {}, {}
-        for mode in MODES:
+        for mode in args.modes:
             runs = []
             for r in range(args.repeats):
                 out = tmp / f"{mode}.pt"
                 cmd = [sys.executable, __file__, "--mode", mode, "--ckpt", str(ckpt), "--out", str(out),
-                       "--size", args.size, "--frames", str(args.frames)]
+                       "--size", args.size, "--frames", str(args.frames), "--dtype", args.dtype]
                 runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
             rows[mode] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
             latents[mode] = torch.load(out)
@@ -116,8 +136,10 @@ def main() -> None:
         for mode, r in rows.items():
             print(f"{mode:<13}{r['load_s']:>8.2f}{r['peak_mb']:>9.0f}{r['aligned']:>9.2f}"
                   f"{r['encode_s']:>10.2f}{r['decode_s']:>10.2f}")
-        diff = (latents["file_buffers"] - latents["aligned"]).abs().max().item()
-        print(f"max |latent difference| between the modes: {diff:.3g}")
+        if args.frames and len(latents) > 1:
+            a, b = list(latents)[:2]
+            diff = (latents[a].float() - latents[b].float()).abs().max().item()
+            print(f"max |latent difference| between {a} and {b}: {diff:.3g}")
 
 
 if __name__ == "__main__":

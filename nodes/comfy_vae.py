@@ -12,11 +12,25 @@ Semantics towards core nodes (the pack's VideoEncode/VideoDecode nodes do the vi
 * a 4D latent ``[T, C, h, w]`` given to core VAEDecode is decoded frame by frame (each latent
   frame as a 1-frame video, i.e. CV-VAE's image mode) -> IMAGE ``[T, H, W, 3]``;
 * a 5D latent ``[B, C, 1+k, h, w]`` given to core VAEDecode is decoded as video -> ``1+4k`` frames.
+
+Every pass, tiled or not, runs the pack's exact engine (:mod:`cvvae_core.tiling`, mode seamless):
+ComfyUI's own tiler would normalise each tile on its own and blend them (colour shifts, seams).
+How each ComfyUI generation reaches it:
+
+* core VAEDecode / VAEEncode call the first stage's ``decode`` / ``encode``: the engine, with a
+  plan sized from free memory; ComfyUI sizes its batches and makes room with ``memory_used_*``,
+  the engine's estimate of that plan;
+* core VAEDecodeTiled / VAEEncodeTiled call this class's ``decode_tiled`` / ``encode_tiled``: the
+  engine with ComfyUI's tile and temporal sizes as its piece sizes;
+* ComfyUI's fallback after an out-of-memory error: 0.3x and newer see ``handles_tiling`` and call
+  the first stage's ``decode_tiled`` / ``encode_tiled``; the newest also skips the untiled attempt
+  when the (reliable) estimate exceeds free memory and asks ``preferred_decode_tile``; 0.8.0 calls
+  ``decode_tiled_3d`` / ``encode_tiled_3d``, overridden here.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
 import threading
 import weakref
@@ -29,19 +43,15 @@ import comfy.model_patcher
 import comfy.sd
 
 from ..cvvae_core import load_model, tiling
+from ..cvvae_core.devices import DTYPES
 from ..cvvae_core.errors import FrameCountError
+from ..cvvae_core.model.frames import check_latent
+from ..cvvae_core.tiling.runner import FREE_MEMORY_SHARE, MIN_TILE
+from . import runtime
 
 log = logging.getLogger("CV-VAE")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WORKING_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-
-def pixel_frames(latent_frames: int) -> int:
-    return max(0, latent_frames * 4 - 3)
-
-
-def latent_frames(frames: int) -> int:
-    return max(0, math.floor((frames + 3) / 4))
 
 
 class CVVAEFirstStage(nn.Module):
@@ -53,48 +63,132 @@ class CVVAEFirstStage(nn.Module):
     compute device. Older ComfyUI (0.8.0) never reads the flag and calls ``decode(z)`` / ``encode(x)``.
     """
 
+    #: ``memory_used_decode`` is the estimate the engine plans by, for the plan :meth:`decode` then
+    #: runs (on an H200 it was above the measured peak: 30.5 vs 25.8 GiB, untiled 17 frames at
+    #: 576x1024), so when even that exceeds free memory the newest ComfyUI tiles straight away.
+    comfy_decode_estimate_is_reliable = True
+
     @property
     def comfy_has_chunked_io(self) -> bool:
         """True when decoding on another device than ComfyUI's output (a GPU, output in CPU RAM): the
-        decoded clip then goes from the GPU straight into ComfyUI's buffer, instead of into a CPU copy
-        that ComfyUI copies again into its output (one full-size copy less in RAM). On one device the
-        preallocated buffer would only sit next to the decoder's own output and activations: measured
-        in ComfyUI 0.33 on CPU, core VAE Decode of 25 frames at 576x1024 peaked 128 MiB higher with it."""
+        engine writes the decoded clip into CPU RAM piece by piece, and it is then copied once into
+        ComfyUI's preallocated output, where ComfyUI would otherwise copy it twice (into a fresh tensor,
+        then into its output). On one device the preallocated buffer would only sit next to the
+        decoder's own output: measured in ComfyUI 0.33 on CPU with the untiled decoder, core VAE Decode
+        of 25 frames at 576x1024 peaked 128 MiB higher with it."""
         return self.cvvae.device != torch.device(mm.intermediate_device())
 
-    def __init__(self, cvvae):
+    def __init__(self, cvvae, output_device):
         super().__init__()
         self.cvvae = cvvae
+        self.output_device = output_device  # where ComfyUI wants results: the engine writes them there
+        self.decoding_shape = None  # the latent VAE.decode is working on (see preferred_decode_tile)
+
+    @property
+    def config(self):
+        return self.cvvae.config
 
     def encode(self, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-        """Pixels ``[B, 3, T, H, W]`` in [-1, 1] (``T`` = 1+4k) -> latent ``[B, C, 1+k, h, w]``.
-        ``device`` (chunked-io callers) needs no handling: the model moves its input to the device
-        ComfyUI loaded it on."""
-        if x.dim() == 4:
-            x = x.unsqueeze(2)
-        frames = x.shape[2]
-        if (frames - 1) % 4:
-            raise FrameCountError(
-                f"CV-VAE got {frames} frames in one clip; it needs 1+4k frames (1, 5, 9, 13, 17, ...). "
-                "Use the 'CV-VAE Video Encode' node with frame_policy 'pad' or 'trim'.")
-        return self.cvvae.encode(x.clamp(-1.0, 1.0))
+        """Pixels ``[B, 3, T, H, W]`` in [-1, 1] (``T`` = 1+4k) -> latent ``[B, C, 1+k, h, w]``, float32
+        on ComfyUI's output device. ``device`` (chunked-io callers) needs no handling: the model moves
+        its input to the device ComfyUI loaded it on."""
+        return self.run(tiling.ENCODE, x, self.options(tiling.ENCODE))
+
+    def encode_tiled(self, x: torch.Tensor, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None,
+                     **_unused) -> torch.Tensor:
+        """:meth:`encode` in pieces of ``tile_x`` x ``tile_y`` pixels and ``tile_t`` frames."""
+        return self.run(tiling.ENCODE, x, self.options(tiling.ENCODE, tile_x, tile_y, tile_t, overlap, overlap_t))
 
     def decode_output_shape(self, latent_shape) -> tuple[int, ...]:
         """Pixels ``[B, 3, 4t-3, 8h, 8w]`` that :meth:`decode` writes for a latent ``[B, C, t, h, w]``."""
         b, _, t, h, w = latent_shape
-        cfg = self.cvvae.config
-        return (b, cfg.in_channels, cfg.video_frames(t), h * cfg.spatial_compression, w * cfg.spatial_compression)
+        s = self.config.spatial_compression
+        return (b, self.config.in_channels, self.config.video_frames(t), h * s, w * s)
 
     def decode(self, z: torch.Tensor, output_buffer: torch.Tensor | None = None, **_vae_options) -> torch.Tensor:
         """Latent ``[B, C, t, h, w]`` -> pixels ``[B, 3, 4t-3, H, W]`` (about [-1, 1]), written into
         ``output_buffer`` when ComfyUI gives one (and returned)."""
-        if z.dim() == 4:  # one image per latent (CVVAEComfyVAE passes 5-D; kept for direct callers)
-            return self.decode(z.unsqueeze(2))[:, :, 0]
-        video = self.cvvae.decode(z)
+        video = self.run(tiling.DECODE, z, self.options(tiling.DECODE))
         if output_buffer is None:
             return video
         output_buffer.copy_(video)
         return output_buffer
+
+    def decode_tiled(self, z: torch.Tensor, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None,
+                     **_unused) -> torch.Tensor:
+        """:meth:`decode` in pieces of ``tile_x`` x ``tile_y`` latent pixels and ``tile_t`` latent frames."""
+        return self.run(tiling.DECODE, z, self.options(tiling.DECODE, tile_x, tile_y, tile_t, overlap, overlap_t))
+
+    def run(self, direction, x: torch.Tensor, opts) -> torch.Tensor:
+        """One engine pass; cancel and out-of-memory become what ComfyUI expects."""
+        with runtime.comfy_errors("encoding" if direction is tiling.ENCODE else "decoding"):
+            if direction is tiling.ENCODE:
+                self.check_frames(x.shape[2])
+                return self.cvvae.encode(x.clamp(-1.0, 1.0), tiling=opts)
+            return self.cvvae.decode(x, tiling=opts)
+
+    def check_frames(self, frames: int):
+        cfg = self.config
+        if frames != cfg.video_frames(cfg.latent_frames(frames)):
+            raise FrameCountError(
+                f"CV-VAE got {frames} frames in one clip; it needs 1+{cfg.time_compression}k frames "
+                f"({', '.join(str(cfg.video_frames(k)) for k in range(1, 6))}, ...). "
+                "Use the 'CV-VAE Video Encode' node with frame_policy 'pad' or 'trim'.")
+
+    def options(self, direction, tile_x=None, tile_y=None, tile_t=None, overlap=None, overlap_t=None):
+        """Engine options from ComfyUI's sizes, in its units (decode: latent pixels and frames; encode:
+        pixels and frames); None = sized from free memory. The square tile is the smaller side, rounded
+        down to whole latent pixels; a chunk covers at least one latent frame. Overlaps are not needed."""
+        cfg = self.config
+        s, tc = cfg.spatial_compression, cfg.time_compression
+        unit = (s, tc) if direction is tiling.DECODE else (1, 1)
+        sides = [v * unit[0] for v in (tile_x, tile_y) if v]
+        tile = max(s, min(sides) // s * s) if sides else None
+        if tile is not None and tile != min(sides):
+            log.info("CV-VAE: tile size %d px is not a multiple of %d px; using %d px.", min(sides), s, tile)
+        chunk = max(tc, tile_t * unit[1]) if tile_t else None
+        if overlap or overlap_t:
+            _note_overlap_once()
+        return runtime.engine_options(tile_size=tile, chunk_frames=chunk, output_device=self.output_device,
+                                      pbar=runtime.progress_bar())
+
+    def preferred_decode_tile(self, free_memory: int, dtype=None) -> int:
+        """Newest ComfyUI's out-of-memory fallback asks this (latent pixels) for the clip ``VAE.decode``
+        is working on: the largest square tile whose engine plan fits ``free_memory`` (``dtype`` is the
+        model's own, which the estimate already uses)."""
+        if self.decoding_shape is None:
+            return 0  # not inside VAE.decode: ComfyUI keeps its own floor
+        s = self.config.spatial_compression
+        shape = (1, *self.decoding_shape[1:])
+        budget = int(free_memory * FREE_MEMORY_SHARE)
+        tile = max(shape[3:]) * s
+        while tile > MIN_TILE:
+            opts = runtime.engine_options(tile_size=tile, output_device=self.output_device, memory_budget=budget)
+            plan = tiling.plan_for(self.cvvae, tiling.DECODE, shape, opts, budget=budget)
+            if tiling.estimate_memory(self.cvvae, tiling.DECODE, shape, plan, opts.output_device).total <= budget:
+                break
+            tile = max(MIN_TILE, tile // 2 // s * s)
+        return tile // s
+
+    @contextlib.contextmanager
+    def decoding(self, shape):
+        """Tells :meth:`preferred_decode_tile` (called without a shape) which latent is being decoded."""
+        self.decoding_shape = tuple(shape)
+        try:
+            yield
+        finally:
+            self.decoding_shape = None
+
+
+_overlap_noted = False
+
+
+def _note_overlap_once():
+    global _overlap_noted
+    if not _overlap_noted:
+        _overlap_noted = True
+        log.info("CV-VAE: tiled VAE nodes run the exact engine (every layer once, clip-wide statistics); "
+                 "overlap and temporal_overlap are not needed and are ignored.")
 
 
 class _DropNoWeightsWarning(logging.Filter):
@@ -105,7 +199,7 @@ class _DropNoWeightsWarning(logging.Filter):
 class CVVAEComfyVAE(comfy.sd.VAE):
     """``comfy.sd.VAE`` around a :class:`cvvae_core.CVVAE`. Build with :func:`load_comfy_vae`."""
 
-    def __init__(self, cvvae, name: str = "CV-VAE", dtype: torch.dtype | None = None):
+    def __init__(self, cvvae, name: str = "CV-VAE"):
         root = logging.getLogger()
         quiet = _DropNoWeightsWarning()
         root.addFilter(quiet)
@@ -113,27 +207,29 @@ class CVVAEComfyVAE(comfy.sd.VAE):
             super().__init__(sd={})  # fills every default attribute, then returns early (no weights)
         finally:
             root.removeFilter(quiet)
+        cfg = cvvae.config
         self.name = name
         self.cvvae_model = cvvae
-        self.first_stage_model = CVVAEFirstStage(cvvae).eval()
+        self.output_device = mm.intermediate_device()
+        self.first_stage_model = CVVAEFirstStage(cvvae, self.output_device).eval()
         self.latent_channels = cvvae.latent_channels
         self.latent_dim = 3
-        self.output_channels = 3
+        self.output_channels = cfg.in_channels
         self.not_video = True  # core VAEEncode: an IMAGE batch is separate images (frame-wise)
-        self.upscale_ratio = (pixel_frames, 8, 8)
-        self.downscale_ratio = (latent_frames, 8, 8)
-        self.upscale_index_formula = (4, 8, 8)
-        self.downscale_index_formula = (4, 8, 8)
-        # ComfyUI sizes its batches and makes room with these: the engine's estimate of an untiled pass.
-        self.memory_used_encode = lambda shape, dtype: self.untiled_bytes(tiling.ENCODE, shape, dtype)
-        self.memory_used_decode = lambda shape, dtype: self.untiled_bytes(tiling.DECODE, shape, dtype)
+        s, tc = cfg.spatial_compression, cfg.time_compression
+        self.upscale_ratio = (lambda k: cfg.video_frames(k) if k > 0 else 0, s, s)
+        self.downscale_ratio = (lambda n: cfg.latent_frames(n) if n > 0 else 0, s, s)
+        self.upscale_index_formula = (tc, s, s)
+        self.downscale_index_formula = (tc, s, s)
+        self.handles_tiling = True  # ComfyUI 0.3x+: its tiled fallback calls the first stage's *_tiled
+        # ComfyUI passes vae_dtype, the model's own dtype, which the engine's estimate already uses.
+        self.memory_used_encode = lambda shape, dtype: self.pass_bytes(tiling.ENCODE, shape)
+        self.memory_used_decode = lambda shape, dtype: self.pass_bytes(tiling.DECODE, shape)
         self.working_dtypes = list(WORKING_DTYPES)
         # Plain torch layers cannot run partially offloaded (lowvram): always load the whole model.
         self.disable_offload = True
         self.device = mm.vae_device()
-        self.vae_dtype = dtype if dtype is not None else mm.vae_dtype(self.device, self.working_dtypes)
-        self.first_stage_model.to(self.vae_dtype)
-        self.output_device = mm.intermediate_device()
+        self.vae_dtype = cvvae.dtype  # built in the dtype it runs in (load_comfy_vae): no cast, no second copy
         self.patcher = comfy.model_patcher.ModelPatcher(
             self.first_stage_model, load_device=self.device, offload_device=mm.vae_offload_device())
         self.size = None
@@ -141,37 +237,76 @@ class CVVAEComfyVAE(comfy.sd.VAE):
         log.info("CV-VAE %s (%s, %d latent channels) load device: %s, dtype: %s", name, cvvae.variant,
                  self.latent_channels, self.device, self.vae_dtype)
 
-    def untiled_bytes(self, direction, shape, dtype) -> int:
-        """Device bytes of an untiled pass of one batch element of ``shape`` (4-D: one frame)."""
+    def pass_bytes(self, direction, shape) -> int:
+        """Device bytes of the engine's plan for one batch element of ``shape`` (4-D: one frame), as
+        ComfyUI sizes batches per element; the plan the first stage then runs (see runtime.memory_request)."""
         shape = [1, *shape[1:]]
         if len(shape) == 4:
             shape.insert(2, 1)
-        return tiling.estimate_memory(self.cvvae_model, direction, shape, tiling.Plan(), self.output_device,
-                                      self.device, dtype).total
+        opts = runtime.engine_options(output_device=self.output_device)
+        return tiling.memory_request(self.cvvae_model, direction, shape, opts, device=self.device)
 
     # Core methods: 4D latents are frames-as-batch image latents ---------------------------------
-    def encode(self, pixel_samples):
-        return _squeeze_single_frame(super().encode(pixel_samples), self.not_video)
+    def encode(self, pixel_samples, **kwargs):
+        framewise = kwargs.get("not_video", self.not_video)
+        return _squeeze_single_frame(super().encode(pixel_samples, **kwargs), framewise)
 
-    def encode_tiled(self, pixel_samples, *args, **kwargs):
-        return _squeeze_single_frame(super().encode_tiled(pixel_samples, *args, **kwargs), self.not_video)
+    def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None,
+                     not_video=None):
+        """Core VAE Encode (Tiled): the exact engine with ComfyUI's sizes as piece sizes (pixels,
+        frames); the same latents as VAE Encode."""
+        framewise = self.not_video if not_video is None else not_video
+        pixels = self.vae_encode_crop_pixels(pixel_samples).movedim(-1, 1)  # [N, 3, H, W]
+        pixels = pixels.unsqueeze(2) if framewise else pixels.movedim(1, 0).unsqueeze(0)
+        stage = self.first_stage_model
+        opts = stage.options(tiling.ENCODE, tile_x, tile_y, tile_t, overlap, overlap_t)
+        with runtime.comfy_pass(self, runtime.memory_request(self, "encode", pixels.shape, opts), "encoding"):
+            latent = stage.run(tiling.ENCODE, self.process_input(pixels), opts)
+        return _squeeze_single_frame(latent.to(self.output_device, torch.float32), framewise)
 
     def decode(self, samples_in, vae_options={}):
-        if samples_in.dim() == 4:
-            return super().decode(samples_in.unsqueeze(2), vae_options)[:, 0]
-        return super().decode(samples_in, vae_options)
+        latent = self._video_latent(samples_in)
+        with self.first_stage_model.decoding(latent.shape):
+            out = super().decode(latent, vae_options)
+        return out[:, 0] if samples_in.dim() == 4 else out
 
-    def decode_tiled(self, samples, *args, **kwargs):
-        if samples.dim() == 4:
-            return super().decode_tiled(samples.unsqueeze(2), *args, **kwargs)[:, 0]
-        return super().decode_tiled(samples, *args, **kwargs)
+    def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+        """Core VAE Decode (Tiled): the exact engine with ComfyUI's sizes as piece sizes (latent pixels,
+        latent frames); the same frames as VAE Decode."""
+        latent = self._video_latent(samples)
+        stage = self.first_stage_model
+        opts = stage.options(tiling.DECODE, tile_x, tile_y, tile_t, overlap, overlap_t)
+        with runtime.comfy_pass(self, runtime.memory_request(self, "decode", latent.shape, opts), "decoding"):
+            video = stage.run(tiling.DECODE, latent, opts)
+        out = self.process_output(video.to(self.output_device, torch.float32)).movedim(1, -1)
+        return out[:, 0] if samples.dim() == 4 else out
+
+    # ComfyUI 0.8.0's out-of-memory fallback (newer ones go through handles_tiling) ------------------
+    def decode_tiled_3d(self, samples, tile_t=None, tile_x=None, tile_y=None, overlap=None):
+        video = self.first_stage_model.decode_tiled(samples, tile_x, tile_y, None, tile_t)
+        return self.process_output(video.to(self.output_device, torch.float32))
+
+    def encode_tiled_3d(self, samples, tile_t=None, tile_x=None, tile_y=None, overlap=None):
+        latent = self.first_stage_model.encode_tiled(self.process_input(samples), tile_x, tile_y, None, tile_t)
+        return latent.to(self.output_device, torch.float32)
+
+    @property
+    def config(self):
+        return self.cvvae_model.config
+
+    def _video_latent(self, samples: torch.Tensor) -> torch.Tensor:
+        """A 5-D latent (4-D frames-as-batch: one latent frame each), its channels checked first so that
+        a latent of another model family stops with a one-line error, not deep in a convolution."""
+        latent = samples.unsqueeze(2) if samples.dim() == 4 else samples
+        check_latent(latent, self.config)
+        return latent
 
     def __repr__(self):
         return f"CVVAEComfyVAE({self.name!r}, variant={self.cvvae_model.variant}, dtype={self.vae_dtype})"
 
 
-def _squeeze_single_frame(latent: torch.Tensor, not_video: bool) -> torch.Tensor:
-    if not_video and latent.dim() == 5 and latent.shape[2] == 1:
+def _squeeze_single_frame(latent: torch.Tensor, framewise: bool) -> torch.Tensor:
+    if framewise and latent.dim() == 5 and latent.shape[2] == 1:
         return latent[:, :, 0]
     return latent
 
@@ -192,10 +327,11 @@ _cache: "weakref.WeakValueDictionary[tuple, CVVAEComfyVAE]" = weakref.WeakValueD
 _cache_lock = threading.Lock()
 
 
-def resolve_dtype(choice: str) -> torch.dtype | None:
-    """``auto`` -> None (ComfyUI's vae_dtype decides: fp32 on CPU, bf16/fp16 on GPUs)."""
+def resolve_dtype(choice: str) -> torch.dtype:
+    """``auto`` -> ComfyUI's VAE dtype for its VAE device (fp32 on CPU, bf16/fp16 on GPUs, or what
+    --fp16-vae/--bf16-vae/--fp32-vae say); else the named one."""
     if choice == "auto":
-        return None
+        return mm.vae_dtype(mm.vae_device(), WORKING_DTYPES)
     if choice not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {choice!r}")
     return DTYPES[choice]
@@ -207,15 +343,16 @@ def load_comfy_vae(path: str, dtype_choice: str = "auto", name: str | None = Non
     path = os.path.realpath(path)
     st = os.stat(path)
     dtype = resolve_dtype(dtype_choice)
-    key = (path, dtype_choice, st.st_mtime_ns, st.st_size)
+    key = (path, dtype, st.st_mtime_ns, st.st_size)
     with _cache_lock:
         vae = _cache.get(key)
         if vae is not None:
             return vae
-        # Build on the offload device in fp32; the VAE object casts to its working dtype.
-        # The user picked the file from ComfyUI's model list, which offers .ckpt/.pt too; like ComfyUI's
-        # own loaders these are read with torch.load(weights_only=True), never fully unpickled.
-        cvvae = load_model(path, device="cpu", dtype=torch.float32, allow_pickle=True)
-        vae = CVVAEComfyVAE(cvvae, name=name or os.path.basename(path), dtype=dtype)
+        # Built on the offload device straight in the working dtype: one copy of the weights, never
+        # an fp32 copy that is then cast. The user picked the file from ComfyUI's model list, which
+        # offers .ckpt/.pt too; like ComfyUI's own loaders these are read with
+        # torch.load(weights_only=True), never fully unpickled.
+        cvvae = load_model(path, device=mm.vae_offload_device(), dtype=dtype, allow_pickle=True)
+        vae = CVVAEComfyVAE(cvvae, name=name or os.path.basename(path))
         _cache[key] = vae
         return vae

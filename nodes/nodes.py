@@ -10,6 +10,7 @@ import comfy.model_management as mm
 import folder_paths
 
 from ..cvvae_core.io import builtin
+from ..cvvae_core.spec import IMAGE_FAMILIES, PRESETS
 from ..cvvae_core.errors import CheckpointError, CheckpointNotFoundError
 from ..cvvae_core.model.frames import FrameAdjustment, FramedLatent
 from . import runtime
@@ -20,8 +21,6 @@ MODEL_FOLDER = "cvvae"
 BUILTIN_NAME = "builtin (small demo model)"
 ADJUSTMENT_KEY = "cvvae_adjustment"
 FRAME_POLICIES = ["pad", "trim", "error"]
-CHANNEL_OWNERS = {4: "SD1.5/SD2.1/SDXL/SVD and CV-VAE vae3d / vae3d_v1-1",
-                  16: "SD3 and CV-VAE vae3d_sd3"}
 
 
 # Model files ---------------------------------------------------------------------------------
@@ -79,16 +78,22 @@ class CVVAELoader(io.ComfyNode):
         return io.Schema(
             node_id="CVVAELoader", display_name="Load CV-VAE", category=CATEGORY,
             description="Loads a CV-VAE video VAE (vae3d, vae3d_v1-1: 4 latent channels, SD/SVD; vae3d_sd3: "
-                        "16 channels, SD3). Its VAE output works with core VAE nodes (VAEEncode/VAEDecode "
-                        "work frame-wise on a 4D latent batch) and with the CV-VAE video nodes.",
+                        "16 channels, SD3). Its VAE output works with the CV-VAE video nodes and with core VAE "
+                        "nodes: VAE Encode encodes each image on its own (the 4D latent batch SD/SVD sample); VAE "
+                        "Decode decodes a 4D latent batch frame by frame and a 5D video latent as video. Every "
+                        "pass runs the exact engine, also VAE Decode (Tiled) / VAE Encode (Tiled) (their tile and "
+                        "temporal sizes set the piece sizes, overlaps are not needed) and ComfyUI's out-of-memory "
+                        "retry: same result as untiled, sized to the free memory.",
             inputs=[
                 io.Combo.Input("model_name", options=model_choices(),
                                tooltip="CV-VAE weights from models/cvvae or models/vae (a release's "
                                        "diffusion_pytorch_model.safetensors, renamed or in its folder), or "
                                        "the small built-in demo model."),
                 io.Combo.Input("dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto",
-                               tooltip="Working precision. auto = ComfyUI's VAE precision (fp32 on CPU, "
-                                       "bf16/fp16 on GPUs; follows --fp16-vae/--bf16-vae/--fp32-vae)."),
+                               tooltip="Working precision; the model is built straight in it (one copy of the "
+                                       "weights in memory). auto = ComfyUI's VAE precision (fp32 on CPU, bf16/fp16 "
+                                       "on GPUs; follows --fp16-vae/--bf16-vae/--fp32-vae). fp16/bf16 halve the "
+                                       "memory of weights and activations."),
             ],
             outputs=[io.Vae.Output(display_name="VAE")])
 
@@ -119,7 +124,9 @@ class CVVAEVideoEncode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CVVAEVideoEncode", display_name="CV-VAE Video Encode", category=CATEGORY,
-            description="Encodes IMAGE frames as ONE video: N frames -> a 5D latent [1, C, 1+(N-1)/4, H/8, W/8].",
+            description="Encodes IMAGE frames as ONE video: N frames -> a 5D latent [1, C, 1+(N-1)/4, H/8, W/8]. "
+                        "With tiling auto, seamless or none the result is the same (the exact engine): tiling "
+                        "trades memory for time.",
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE from 'Load CV-VAE'."),
                 io.Image.Input("images", tooltip="Video frames [N, H, W, 3] in 0..1, in time order."),
@@ -154,8 +161,10 @@ class CVVAEVideoDecode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CVVAEVideoDecode", display_name="CV-VAE Video Decode", category=CATEGORY,
-            description="Decodes a 5D video latent [B, C, 1+k, h, w] to 1+4k IMAGE frames per video. For a 4D "
-                        "frames-as-batch latent (SD/SVD) first use 'CV-VAE Latent Adapter' (batch_to_video).",
+            description="Decodes a 5D video latent [B, C, 1+k, h, w] to 1+4k IMAGE frames per video (also one "
+                        "loaded with Load Latent). For a 4D frames-as-batch latent (SD/SVD) first use 'CV-VAE Latent "
+                        "Adapter' (batch_to_video). With tiling auto, seamless or none the frames are the same "
+                        "(the exact engine).",
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE from 'Load CV-VAE'; its channels (4 or 16) must match the latent."),
                 io.Latent.Input("samples", tooltip="A 5D video latent, e.g. from CV-VAE Video Encode or the adapter. "
@@ -193,18 +202,34 @@ def recorded_adjustment(samples: dict, latent: torch.Tensor) -> FrameAdjustment:
     return FrameAdjustment(**{k: int(rec.get(k, 0)) for k in ("padded_frames", "padded_height", "padded_width")})
 
 
+def releases(channels: int) -> list[str]:
+    """The CV-VAE releases whose latents have ``channels`` channels."""
+    return [name for name, cfg in PRESETS.items() if cfg.latent_channels == channels]
+
+
+def channel_owner(channels: int) -> str:
+    """Who makes latents with this many channels (the image VAE families and CV-VAE releases of cvvae_core.spec)."""
+    if not releases(channels):
+        return "not a CV-VAE latent"
+    families = [f.description for f in IMAGE_FAMILIES.values() if f.latent_channels == channels]
+    return ", ".join(families) + "; CV-VAE " + " / ".join(releases(channels))
+
+
 def check_channels(latent: torch.Tensor, vae, node: str):
     want = getattr(vae, "latent_channels", None) if vae is not None else None
     have = latent.shape[1]
     if want is not None and have != want:
+        hint = (f"Load the matching CV-VAE ({' / '.join(releases(have))} for this latent), or check"
+                if releases(have) else "Check")
         raise ValueError(
-            f"{node}: the latent has {have} channels ({CHANNEL_OWNERS.get(have, 'not a CV-VAE latent')}) but the "
-            f"VAE '{getattr(vae, 'name', type(vae).__name__)}' uses {want} ({CHANNEL_OWNERS.get(want, '?')}). "
-            f"Load the matching CV-VAE ({'vae3d_sd3' if have == 16 else 'vae3d_v1-1'} for this latent), or check "
+            f"{node}: the latent has {have} channels ({channel_owner(have)}) but the VAE "
+            f"'{getattr(vae, 'name', type(vae).__name__)}' uses {want} ({channel_owner(want)}). {hint} "
             f"that the latent is [B, C, T, h, w] / [T, C, h, w].")
-    if want is None and have not in CHANNEL_OWNERS:
-        raise ValueError(f"{node}: the latent has {have} channels; CV-VAE latents have 4 (SD/SVD) or 16 (SD3). "
-                         f"Shape {list(latent.shape)}: is this latent from another model family?")
+    if want is None and not releases(have):
+        known = sorted({cfg.latent_channels for cfg in PRESETS.values()})
+        raise ValueError(f"{node}: the latent has {have} channels; CV-VAE latents have "
+                         f"{' or '.join(map(str, known))}. Shape {list(latent.shape)}: is this latent from another "
+                         "model family?")
 
 
 class CVVAELatentAdapter(io.ComfyNode):

@@ -15,12 +15,24 @@ from ..cvvae_core.tiling import TilingOptions
 TILING_MODES = ["auto", "seamless", "official", "none"]
 
 TILING_TOOLTIP = (
-    "How the clip is split to fit in memory. auto = seamless tiles/chunks sized from free memory "
-    "(recommended); seamless = overlapping tiles blended without seams; official = the original "
-    "CV-VAE tiling (for comparison with the reference code); none = whole clip at once (fastest, "
-    "needs the most memory).")
-TILE_SIZE_TOOLTIP = "Spatial tile size in pixels. 0 = automatic (from free memory). Smaller = less memory, slower."
-CHUNK_TOOLTIP = "Video frames per time chunk. 0 = automatic. Smaller = less memory, slower."
+    "How the clip is split to fit in memory. auto = seamless with piece sizes from free memory (recommended). "
+    "seamless = exact: every layer runs once over the whole clip, in pieces, with clip-wide normalisation "
+    "statistics, so the result equals 'none' (no seams, no colour shifts). Measured on an H200: as fast as "
+    "official while the layer outputs fit on the GPU; when they must wait in RAM (small GPUs) GPU memory stays "
+    "flat but it runs 6-9x slower. official = the original CV-VAE tiling (overlapping tiles blended, each "
+    "normalised on its own: seams and colour shifts); only to compare with the reference code. none = the whole "
+    "clip at once (most memory).")
+TILE_SIZE_TOOLTIP = ("Spatial piece size in pixels (multiple of 8). 0 = automatic (from free memory). Smaller = "
+                     "less memory, slower; the result is the same.")
+CHUNK_TOOLTIP = "Video frames per time piece. 0 = automatic. Smaller = less memory, slower; the result is the same."
+
+
+def engine_options(tile_size: int | None = None, chunk_frames: int | None = None, output_device="cpu", pbar=None,
+                   mode: str = "seamless", **more) -> TilingOptions:
+    """The engine's options inside ComfyUI: cancel from ComfyUI's interrupt flag, progress to ``pbar``."""
+    progress = None if pbar is None else (lambda done, total: pbar.update_absolute(done, total))
+    return TilingOptions(mode=mode, tile_size=tile_size, chunk_frames=chunk_frames, progress=progress,
+                         cancel=mm.processing_interrupted, output_device=output_device, **more)
 
 
 def tiling_options(mode: str, tile_size: int, chunk_frames: int, pbar, output_device) -> TilingOptions | None:
@@ -28,13 +40,8 @@ def tiling_options(mode: str, tile_size: int, chunk_frames: int, pbar, output_de
         raise ValueError(f"tiling must be one of {TILING_MODES}, got {mode!r}")
     if mode == "none":
         return None
-
-    def progress(done, total):
-        pbar.update_absolute(done, total)
-
-    return TilingOptions(mode="seamless" if mode == "auto" else mode, tile_size=tile_size or None,
-                         chunk_frames=chunk_frames or None, progress=progress,
-                         cancel=mm.processing_interrupted, output_device=output_device)
+    return engine_options(tile_size or None, chunk_frames or None, output_device, pbar,
+                          mode="seamless" if mode == "auto" else mode)
 
 
 def memory_request(vae, what: str, shape, opts: TilingOptions | None) -> int:
@@ -47,9 +54,15 @@ def memory_request(vae, what: str, shape, opts: TilingOptions | None) -> int:
 
 @contextlib.contextmanager
 def comfy_pass(vae, memory_required: float, what: str):
-    """Make room and load the model, then translate cancel/OOM into what ComfyUI expects and leave no
-    cached GPU memory behind."""
+    """Make room and load the model, then run the pass under :func:`comfy_errors`."""
     mm.load_models_gpu([vae.patcher], memory_required=memory_required, force_full_load=True)
+    with comfy_errors(what):
+        yield
+
+
+@contextlib.contextmanager
+def comfy_errors(what: str):
+    """Translate cancel/out-of-memory into what ComfyUI expects and leave no cached GPU memory behind."""
     outcome = None
     try:
         yield

@@ -42,7 +42,7 @@ if not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").exists():
     pytest.skip(reason, allow_module_level=True)
 
 WORKFLOWS = {p.stem: p for p in sorted((ROOT / "example_workflows").glob("*.json"))}
-NO_DOWNLOAD = ["01_cvvae_video_reconstruction_builtin", "05_image_framewise_core_vae"]
+NO_DOWNLOAD = ["01_cvvae_video_reconstruction_builtin", "05_image_framewise_core_vae"]  # 06: see the saved-latent test
 RESULTS = {}
 
 
@@ -132,6 +132,7 @@ def test_no_download_workflow_runs(server, object_info, name):
     entry = server.run_prompt(prompt, timeout=600)
     files = server.output_files(entry)
     took = time.time() - t0
+    files = [f for f in files if f.suffix != ".latent"]
     assert files and all(f.exists() for f in files), entry["outputs"]
     if name.startswith("01"):
         import av
@@ -176,6 +177,83 @@ def test_svd_swap_workflow_runs_end_to_end(server, object_info):
     assert as_video == [(17, 64, 64)], counts       # adapter + Video Decode: 1 + 4*(5-1) frames
     RESULTS["02_svd_img2vid_cvvae"] = f"{counts}, {took:.1f}s"
     note(f"02_svd_img2vid_cvvae: {RESULTS['02_svd_img2vid_cvvae']}")
+
+
+def saved(server, entry, key, prefix) -> list[Path]:
+    """The files an output node with ``prefix`` wrote under ``key`` ("images", "latents"), in order."""
+    import re
+    subfolder, name = prefix.rsplit("/", 1)
+    return sorted(server.base / f.get("type", "output") / f.get("subfolder", "") / f["filename"]
+                  for out in entry["outputs"].values() for f in out.get(key, [])
+                  if f.get("subfolder") == subfolder and re.fullmatch(re.escape(name) + r"_\d+_\.\w+", f["filename"]))
+
+
+def png_frames(paths) -> "numpy.ndarray":
+    import av
+    import numpy as np
+    frames = []
+    for p in paths:
+        with av.open(str(p)) as c:
+            frames.append(next(c.decode(video=0)).to_ndarray(format="rgb24").astype(np.int16))
+    return np.stack(frames)
+
+
+def latent_tensor(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))["latent_tensor"]
+
+
+def test_core_tiled_nodes_and_a_saved_latent_give_the_video_decode_frames(server, object_info):
+    """Core VAE Decode (Tiled) with ComfyUI's tiles (64 px, 8 frames) gives CV-VAE Video Decode's
+    untiled frames; VAE Encode (Tiled) gives VAE Encode's latents; a 5-D video latent survives core
+    Save Latent -> Load Latent (workflow 06) and decodes to the same frames."""
+    import numpy as np
+    model = cvvae_overrides(object_info)[("CVVAELoader", "model_name")]
+    vae, clip = ["1", 0], ["2", 0]
+    prompt = {
+        "1": {"class_type": "CVVAELoader", "inputs": {"model_name": model, "dtype": "auto"}},
+        "2": {"class_type": "CVVAESyntheticVideo", "inputs": {"width": 192, "height": 128, "frames": 17, "seed": 0}},
+        "3": {"class_type": "CVVAEVideoEncode", "inputs": {"vae": vae, "images": clip, "frame_policy": "error",
+                                                           "tiling": "none", "tile_size": 0, "chunk_frames": 0}},
+        "4": {"class_type": "CVVAEVideoDecode", "inputs": {"vae": vae, "samples": ["3", 0], "tiling": "none",
+                                                           "tile_size": 0, "chunk_frames": 0}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "check/video_decode"}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "check/video_latent"}},
+        "7": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["3", 0], "vae": vae, "tile_size": 64,
+                                                         "overlap": 16, "temporal_size": 8, "temporal_overlap": 4}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "check/core_tiled"}},
+        "9": {"class_type": "VAEEncodeTiled", "inputs": {"pixels": clip, "vae": vae, "tile_size": 64, "overlap": 16,
+                                                         "temporal_size": 8, "temporal_overlap": 4}},
+        "10": {"class_type": "VAEEncode", "inputs": {"pixels": clip, "vae": vae}},
+        "11": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0],
+                                                      "filename_prefix": "check/core_encode_tiled"}},
+        "12": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "check/core_encode"}},
+    }
+    entry = server.run_prompt(prompt, timeout=900)
+    video = png_frames(saved(server, entry, "images", "check/video_decode"))
+    tiled = png_frames(saved(server, entry, "images", "check/core_tiled"))
+    assert video.shape == tiled.shape == (17, 128, 192, 3)
+    tiled_diff = int(np.abs(video - tiled).max())
+    assert tiled_diff <= 1, f"core tiled decode {tiled_diff}/255 away from Video Decode"  # 8-bit rounding only
+    enc_tiled = latent_tensor(saved(server, entry, "latents", "check/core_encode_tiled")[0])
+    enc = latent_tensor(saved(server, entry, "latents", "check/core_encode")[0])
+    assert enc.shape == (17, 4, 16, 24)  # frame-wise, like an SD VAE
+    assert float((enc_tiled - enc).abs().max()) < 1e-4
+
+    (latent_file,) = saved(server, entry, "latents", "check/video_latent")
+    assert tuple(latent_tensor(latent_file).shape) == (1, 4, 5, 16, 24)  # saved as the 5-D video latent
+    shutil.copy(latent_file, server.base / "input" / latent_file.name)
+    later = workflow_check.to_api(json.loads(WORKFLOWS["06_decode_saved_video_latent"].read_text()), object_info,
+                                  {**cvvae_overrides(object_info), ("LoadLatent", "latent"): latent_file.name})
+    decode = next(k for k, v in later.items() if v["class_type"] == "CVVAEVideoDecode")
+    later["99"] = {"class_type": "SaveImage", "inputs": {"images": [decode, 0], "filename_prefix": "check/from_saved"}}
+    entry = server.run_prompt(later, timeout=900)
+    again = png_frames(saved(server, entry, "images", "check/from_saved"))
+    assert again.shape == video.shape and int(np.abs(again - video).max()) <= 1
+    RESULTS["core tiled + saved latent"] = (f"core VAE Decode (Tiled) 64 px / 8 frames vs Video Decode untiled: max "
+                                            f"{tiled_diff}/255; Save->Load Latent decode: max "
+                                            f"{int(np.abs(again - video).max())}/255")
+    note(RESULTS["core tiled + saved latent"])
 
 
 def browser_tool() -> tuple[str | None, str]:

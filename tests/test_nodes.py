@@ -185,21 +185,22 @@ def reference_video(vae, lat):
     return ((vae.cvvae_model.decode(lat) + 1) / 2).clamp(0, 1).movedim(1, -1)
 
 
-# ComfyUI generations: 0.3x reads comfy_has_chunked_io, 0.8.0 does not (comfy.sd.CHUNKED_IO in the stand-in).
-# The CV-VAE asks for chunked io when ComfyUI's output lives on another device than the model (GPU
-# decode, output in CPU RAM): the stand-in runs on CPU, so the tests move the "output device" away.
-GENERATIONS = {"comfy-0.3x-chunked": (True, "cuda"), "comfy-0.3x-same-device": (True, "cpu"),
-               "comfy-0.8-fallback": (False, "cuda")}
+# ComfyUI generations (comfy.sd.GENERATION in the stand-in): 0.3x and newer read comfy_has_chunked_io,
+# 0.8.0 does not. The CV-VAE asks for chunked io when ComfyUI's output lives on another device than
+# the model (GPU decode, output in CPU RAM): the stand-in runs on CPU, so the tests move the "output
+# device" away.
+GENERATIONS = {"comfy-0.33-chunked": ("0.33", "cuda"), "comfy-0.38-chunked": ("0.38", "cuda"),
+               "comfy-0.33-same-device": ("0.33", "cpu"), "comfy-0.8": ("0.8", "cuda")}
 
 
 @pytest.fixture(params=list(GENERATIONS))
 def generation(request, monkeypatch):
     """Whether the stand-in ComfyUI takes its chunked-io branch for the CV-VAE in this case."""
     import comfy.sd
-    reads_flag, output_device = GENERATIONS[request.param]
-    monkeypatch.setattr(comfy.sd, "CHUNKED_IO", reads_flag)
+    version, output_device = GENERATIONS[request.param]
+    monkeypatch.setattr(comfy.sd, "GENERATION", version)
     monkeypatch.setattr(mm, "intermediate_device", lambda: torch.device(output_device))
-    return reads_flag and output_device != "cpu"
+    return comfy.sd.since("0.33") and output_device != "cpu"
 
 
 def test_chunked_io_is_asked_for_only_when_the_output_is_on_another_device(vae, generation):
@@ -255,8 +256,10 @@ def test_decode_output_shape_is_what_decode_returns(vae):
 def test_memory_estimates_grow_with_frames_and_dtype(vae):
     a = vae.memory_used_decode((1, 4, 2, 8, 8), torch.float32)
     assert vae.memory_used_decode((1, 4, 5, 8, 8), torch.float32) > 2 * a
-    # half the activations; the float32 output (on this one-device host) stays
-    assert a / 2 < vae.memory_used_decode((1, 4, 2, 8, 8), torch.float16) < a
+    # the model runs in the dtype it was built in: half the activations; the float32 output (on this
+    # one-device host) stays
+    half = run(nodes.CVVAELoader, model_name="tiny_cvvae.safetensors", dtype="fp16")[0]
+    assert a / 2 < half.memory_used_decode((1, 4, 2, 8, 8), torch.float16) < a
     assert vae.memory_used_decode((3, 4, 8, 8), torch.float32) > 0
     assert vae.memory_used_encode((1, 3, 9, 64, 64), torch.float32) > vae.memory_used_encode((1, 3, 1, 64, 64),
                                                                                              torch.float32)
@@ -289,9 +292,6 @@ def test_node_memory_request_and_engine_plan_come_from_one_estimate(vae, monkeyp
     assert plans, "the engine ran"
     mine = [e for e in estimates if e[0] == what]
     assert (what, mine[0][1], plans[0], requested) in mine  # the request: the estimate of the plan that ran
-    # and the memory ComfyUI is asked for by core VAE nodes is the same estimate, untiled
-    assert vae.memory_used_decode((1, 4, 3, 4, 5), torch.float32) == real_estimate(
-        vae.cvvae_model, tiling.DECODE, (1, 4, 3, 4, 5), tiling.Plan(), vae.output_device, vae.device).total
 
 
 # Video nodes --------------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def test_adapter_pads_and_trims_to_a_target_count():
 def test_adapter_checks_channels_and_mode(vae):
     with pytest.raises(ValueError, match="16 channels.*uses 4"):
         run(nodes.CVVAELatentAdapter, samples={"samples": torch.randn(14, 16, 2, 3)}, mode="auto", vae=vae)
-    with pytest.raises(ValueError, match="4 \\(SD/SVD\\) or 16"):
+    with pytest.raises(ValueError, match="have 4 or 16"):
         run(nodes.CVVAELatentAdapter, samples={"samples": torch.randn(14, 12, 2, 3)}, mode="auto")
     with pytest.raises(ValueError, match="already a video"):
         run(nodes.CVVAELatentAdapter, samples={"samples": torch.randn(1, 4, 3, 2, 3)}, mode="batch_to_video")
@@ -419,3 +419,205 @@ def test_synthetic_clip():
 def test_cvvae_model_folder_is_registered():
     paths, exts = folder_paths.folder_names_and_paths["cvvae"]
     assert os.path.join(folder_paths.models_dir, "cvvae") in paths and ".safetensors" in exts
+
+
+# Core VAE nodes run the exact engine ---------------------------------------------------------------
+def core_decode_tiled(vae, latent, tile_size, overlap, temporal_size, temporal_overlap):
+    """nodes.py VAEDecodeTiled.decode as written in ComfyUI 0.8.0 and 0.33.0 (pixel sizes -> latent units)."""
+    if tile_size < overlap * 4:
+        overlap = tile_size // 4
+    if temporal_size < temporal_overlap * 2:
+        temporal_overlap = temporal_overlap // 2
+    tc = vae.temporal_compression_decode()
+    temporal_size = max(2, temporal_size // tc)
+    temporal_overlap = max(1, min(temporal_size // 2, temporal_overlap // tc))
+    c = vae.spacial_compression_decode()
+    images = vae.decode_tiled(latent, tile_x=tile_size // c, tile_y=tile_size // c, overlap=overlap // c,
+                              tile_t=temporal_size, overlap_t=temporal_overlap)
+    return images.reshape(-1, *images.shape[-3:]) if images.dim() == 5 else images
+
+
+@pytest.fixture
+def engine_runs(monkeypatch):
+    """Every seamless engine run: (direction, input shape, plan)."""
+    from cvvae_pack.cvvae_core.tiling import runner
+    runs, real = [], runner._seamless
+
+    def seamless(model, x, opts, direction, plan, group):
+        runs.append((direction.name, tuple(x.shape), plan))
+        return real(model, x, opts, direction, plan, group)
+    monkeypatch.setattr(runner, "_seamless", seamless)
+    return runs
+
+
+@pytest.fixture(params=["0.8", "0.33", "0.38"])
+def comfy_version(request, monkeypatch):
+    import comfy.sd
+    monkeypatch.setattr(comfy.sd, "GENERATION", request.param)
+    return request.param
+
+
+def test_core_tiled_decode_is_the_exact_engine_with_comfys_sizes_as_pieces(vae, engine_runs, comfy_version):
+    lat = torch.randn(1, 4, 5, 4, 6)
+    out = core_decode_tiled(vae, lat, tile_size=64, overlap=16, temporal_size=8, temporal_overlap=4)
+    assert out.shape == (17, 32, 48, 3)
+    # the same frames as CV-VAE Video Decode untiled (the node the pack ships), to float rounding
+    (ref,) = run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": lat}, tiling="none")
+    torch.testing.assert_close(out, ref)
+    # ... and it ran in pieces: ComfyUI's 64-px tiles and 8-frame (2 latent frames) chunks
+    assert [(d, plan.tile, plan.chunk) for d, _, plan in engine_runs] == [("decode", 64, 8)]
+
+
+def test_core_tiled_decode_of_a_frames_batch_is_framewise(vae, engine_runs, comfy_version):
+    lat = torch.randn(3, 4, 4, 6)
+    out = core_decode_tiled(vae, lat, tile_size=64, overlap=16, temporal_size=64, temporal_overlap=8)
+    torch.testing.assert_close(out, vae.decode(lat))  # core VAE Decode: each latent frame an image
+    assert out.shape == (3, 32, 48, 3) and engine_runs[0][1] == (3, 4, 1, 4, 6)
+
+
+def test_core_tiled_encode_is_the_exact_engine_and_matches_core_encode(vae, engine_runs, comfy_version):
+    imgs = frames(3, 32, 48)
+    lat = vae.encode_tiled(imgs, tile_x=64, tile_y=64, overlap=64, tile_t=64, overlap_t=8)
+    assert lat.shape == (3, 4, 4, 6)
+    torch.testing.assert_close(lat, vae.encode(imgs))  # frame-wise, like core VAE Encode
+    ref = vae.cvvae_model.encode(imgs.movedim(-1, 1).unsqueeze(2) * 2 - 1)[:, :, 0]
+    torch.testing.assert_close(lat, ref)
+    assert ("encode", (3, 3, 1, 32, 48)) in [(d, s) for d, s, _ in engine_runs]
+
+
+def test_newest_comfy_can_encode_a_frames_batch_as_one_video(vae, monkeypatch):
+    import comfy.sd
+    monkeypatch.setattr(comfy.sd, "GENERATION", "0.38")
+    imgs = frames(5)
+    (ref,) = run(nodes.CVVAEVideoEncode, vae=vae, images=imgs, tiling="none", frame_policy="error")
+    torch.testing.assert_close(vae.encode(imgs, not_video=False), ref["samples"])
+    torch.testing.assert_close(vae.encode_tiled(imgs, tile_x=64, tile_t=8, not_video=False), ref["samples"])
+
+
+def test_overlap_is_ignored_with_one_info_line(vae, caplog, monkeypatch):
+    monkeypatch.setattr(comfy_vae, "_overlap_noted", False)
+    lat = torch.randn(1, 4, 2, 2, 3)
+    with caplog.at_level(logging.INFO, logger="CV-VAE"):
+        a = vae.decode_tiled(lat, tile_x=8, tile_y=8, overlap=2, tile_t=2, overlap_t=1)
+        b = vae.decode_tiled(lat, tile_x=8, tile_y=8, overlap=0, tile_t=2)
+    notes = [r for r in caplog.records if "overlap" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.INFO and "exact" in notes[0].getMessage()
+    torch.testing.assert_close(a, b)
+
+
+def test_core_decode_request_is_the_estimate_of_the_plan_it_runs(vae, engine_runs, comfy_version):
+    from cvvae_pack.cvvae_core import tiling
+    lat = torch.randn(1, 4, 3, 4, 5)
+    vae.decode(lat)
+    (direction, shape, plan), = engine_runs
+    requested = mm.LOADS[0][1]
+    assert requested == tiling.estimate_memory(vae.cvvae_model, tiling.DECODE, shape, plan, vae.output_device).total
+    assert requested == vae.memory_used_decode(lat.shape, vae.vae_dtype)
+
+
+def raise_oom_once(monkeypatch, stage, method):
+    """Make the first stage's untiled ``method`` run out of device memory once, as a GPU would."""
+    calls, real = [], getattr(stage, method)
+
+    def once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*a, **k)
+    monkeypatch.setattr(stage, method, once)
+    return calls
+
+
+def test_out_of_memory_fallback_of_core_decode_is_the_exact_engine(vae, engine_runs, comfy_version, monkeypatch):
+    lat = torch.randn(1, 4, 1, 40, 40)
+    expected = reference_video(vae, lat)
+    raise_oom_once(monkeypatch, vae.first_stage_model, "decode")
+    out = vae.decode(lat)
+    torch.testing.assert_close(out, expected)
+    # 0.8.0 and 0.33.0 tile at 256 px; the newest raises that to preferred_decode_tile: here the
+    # whole 320-px frame fits the free memory
+    tile = 320 if comfy_version == "0.38" else 256
+    assert [(d, p.tile) for d, _, p in engine_runs] == [("decode", tile)]
+
+
+def test_out_of_memory_fallback_of_core_encode_is_the_exact_engine(vae, engine_runs, comfy_version, monkeypatch):
+    imgs = frames(2, 32, 48)
+    expected = vae.encode(imgs)
+    engine_runs.clear()
+    raise_oom_once(monkeypatch, vae.first_stage_model, "encode")
+    torch.testing.assert_close(vae.encode(imgs), expected)
+    assert [(d, p.tile) for d, _, p in engine_runs] == [("encode", 256)]
+
+
+def test_newest_comfy_skips_the_untiled_attempt_that_would_not_fit(vae, engine_runs, monkeypatch):
+    """Less free memory than the reliable estimate: straight to the engine, with the tile
+    preferred_decode_tile picks for that memory (never below ComfyUI's 256 px), same frames."""
+    import comfy.sd
+    monkeypatch.setattr(comfy.sd, "GENERATION", "0.38")
+    lat = torch.randn(1, 4, 1, 40, 40)
+    expected = reference_video(vae, lat)
+    engine_runs.clear()
+    stage = vae.first_stage_model
+    free = vae.memory_used_decode(lat.shape, vae.vae_dtype) // 3
+    monkeypatch.setattr(mm, "FREE_MEMORY", free)
+    monkeypatch.setattr(stage, "decode", lambda *a, **k: pytest.fail("the untiled attempt was made"))
+    out = vae.decode(lat)
+    torch.testing.assert_close(out, expected)
+    with stage.decoding(lat.shape):
+        preferred = stage.preferred_decode_tile(free, vae.vae_dtype)
+    assert [p.tile for _, _, p in engine_runs] == [8 * max(32, preferred)]
+
+
+def test_preferred_decode_tile_grows_with_free_memory(vae):
+    stage = vae.first_stage_model
+    assert stage.preferred_decode_tile(1 << 40, torch.float32) == 0  # asked outside VAE.decode: no opinion
+    shape = (1, 4, 3, 32, 32)
+    with stage.decoding(shape):
+        small = stage.preferred_decode_tile(vae.memory_used_decode(shape, None) // 4, torch.float32)
+        large = stage.preferred_decode_tile(1 << 40, torch.float32)
+    assert 8 <= small < large == 32  # the whole 256-px frame when it fits
+
+
+# Bad input: a clear error or a documented adjustment, never a wrong picture ----------------------
+def test_a_latent_of_another_family_stops_core_decodes_with_one_line(vae, comfy_version):
+    sd3_latent = torch.randn(1, 16, 2, 2, 3)
+    for call in (lambda: core_decode_tiled(vae, sd3_latent, 64, 16, 8, 4), lambda: vae.decode(sd3_latent),
+                 lambda: vae.decode(sd3_latent[:, :, 0])):
+        with pytest.raises(cvvae_core.ChannelMismatchError, match="16 channels.*vae3d_sd3") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert not mm.LOADS, "nothing is loaded for a latent the model cannot take"
+
+
+def test_tile_sizes_off_the_grid_are_rounded_down_and_logged(vae, engine_runs, caplog):
+    imgs = frames(1, 32, 48)
+    with caplog.at_level(logging.INFO, logger="CV-VAE"):
+        lat = vae.encode_tiled(imgs, tile_x=100, tile_y=100, overlap=0)
+    assert engine_runs[-1][2].tile == 96 and "using 96 px" in caplog.text
+    torch.testing.assert_close(lat, vae.encode(imgs))
+
+
+def test_temporal_size_below_one_latent_frame_is_raised_to_one(vae, engine_runs):
+    lat = torch.randn(1, 4, 3, 2, 3)
+    out = vae.decode_tiled(lat, tile_x=8, tile_y=8, tile_t=0)  # 0: ComfyUI asked for no chunking
+    assert engine_runs[-1][2].chunk is None
+    torch.testing.assert_close(vae.decode_tiled(lat, tile_x=8, tile_y=8, tile_t=1), out)
+    imgs = frames(5)
+    torch.testing.assert_close(vae.encode_tiled(imgs, tile_x=64, tile_t=2, not_video=False),
+                               vae.encode(imgs, not_video=False))
+    assert engine_runs[-2][2].chunk == 4  # two frames asked, one latent frame's worth (4) used
+
+
+# Loading --------------------------------------------------------------------------------------------
+def test_the_loader_builds_the_model_once_in_its_working_dtype(models, monkeypatch):
+    from cvvae_pack.nodes import comfy_vae as cv
+    built, real = [], cv.load_model
+
+    def spy(path, device=None, dtype=None, **kw):
+        built.append(dtype)
+        return real(path, device=device, dtype=dtype, **kw)
+    monkeypatch.setattr(cv, "load_model", spy)
+    monkeypatch.setattr(mm, "VAE_DTYPE", torch.bfloat16)  # like --bf16-vae
+    vae = run(nodes.CVVAELoader, model_name="tiny_cvvae_sd3.safetensors", dtype="auto")[0]
+    assert built == [torch.bfloat16] and vae.vae_dtype == torch.bfloat16
+    assert {p.dtype for p in vae.first_stage_model.parameters()} == {torch.bfloat16}

@@ -1,4 +1,5 @@
 """Stand-in for comfy.model_patcher.ModelPatcher: holds the module and moves it between devices."""
+from . import model_management
 
 
 class ModelPatcher:
@@ -15,3 +16,6 @@ class ModelPatcher:
 
     def unload(self):
         self.model.to(self.offload_device)
+
+    def get_free_memory(self, device):
+        return model_management.get_free_memory(device)
