@@ -33,7 +33,7 @@ def test_reconstruct_writes_video_strip_and_metrics(tiny_model, tmp_path, capsys
     out = tmp_path / "out.mp4"
     assert main(["reconstruct", str(ckpt), str(tmp_path / "in.mp4"), str(out), "--height", "32", "--width", "48"]) == 0
     text = capsys.readouterr().out
-    assert "trimmed  2 trailing frames" in text and "PSNR" in text and "SSIM" in text
+    assert "cropped  2 trailing frames (" in text and "PSNR" in text and "SSIM" in text
     decoded, _ = read_video(out)
     assert decoded.shape == (5, 32, 48, 3)
     assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -43,20 +43,33 @@ def test_reconstruct_writes_video_strip_and_metrics(tiny_model, tmp_path, capsys
 # Bad arguments are refused while parsing, saying what is allowed (exit status 2, no traceback)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,allowed", [
-    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--frames", "0"], "--frames: must be an integer >= 1, got 0"),
-    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--frames", "-3"], "--frames: must be an integer >= 1"),
-    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--height", "0"], "--height: must be an integer >= 8"),
-    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--width", "-64"], "--width: must be an integer >= 8"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--frames", "0"], "--frames: must be 1+4k (1, 5, 9, 13, 17, "
+                                                                       "...), got 0; nearest: 1\n"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--frames", "-3"], "got -3; nearest: 1\n"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--frames", "16"], "--frames: must be 1+4k (1, 5, 9, 13, 17, "
+                                                                        "...), got 16; nearest: 13 or 17"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--size", "63x65"], "--size: must be HxW in multiples of 8, "
+                                                                         "got 63x65; nearest: 56x64 or 64x72"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--size", "4x64"], "nearest: 8x64\n"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--size", "64"], "--size: must be HxW in multiples of 8"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--height", "0"], "--height: must be a multiple of 8, at least 8"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--height", "63"], "got 63; nearest: 56 or 64"),
+    (["reconstruct", "builtin", "in.mp4", "out.mp4", "--width", "-64"], "--width: must be a multiple of 8"),
     (["reconstruct", "builtin", "in.mp4", "out.mp4", "--tile-size", "100"], "--tile-size: must be a multiple of 8"),
     (["reconstruct", "builtin", "in.mp4", "out.mp4", "--tile-size", "-8"], "--tile-size: must be a multiple of 8"),
     (["reconstruct", "builtin", "in.mp4", "out.mp4", "--chunk-frames", "0"], "--chunk-frames: must be an integer >= 1"),
     (["reconstruct", "builtin", "in.mp4", "out.mp4", "--device", "gpu"], "--device: must be auto, cpu, cuda"),
     (["train", "cfg.json", "--steps", "0"], "--steps: must be an integer >= 1"),
-    (["compat", "builtin", "builtin", "synthetic:1", "--frames", "4"], "--frames: must be an integer >= 5"),
-    (["compat", "builtin", "builtin", "synthetic:1", "--size", "64", "-8"], "--size: must be a multiple of 8"),
+    (["compat", "builtin", "builtin", "synthetic:1", "--frames", "4"], "--frames: must be 1+4k of at least 5"),
+    (["compat", "builtin", "builtin", "synthetic:1", "--frames", "1"], "got 1; nearest: 5\n"),
+    (["compat", "builtin", "builtin", "synthetic:1", "--size", "64", "-8"], "--size: must be HxW in multiples of 8"),
+    (["compat", "builtin", "builtin", "synthetic:1", "--size", "64x60"], "got 64x60; nearest: 64x56 or 64x64"),
+    (["encode-dataset", "builtin", "--videos", "v", "--out", "o", "--size", "63x65"], "nearest: 56x64 or 64x72"),
+    (["encode-dataset", "builtin", "--videos", "v", "--out", "o", "--size", "64x64", "--frames", "8"],
+     "--frames: must be 1+4k (1, 5, 9, 13, 17, ...), got 8; nearest: 5 or 9"),
     (["compat", "builtin", "builtin", "synthetic:x"], "synthetic:SEED with an integer SEED"),
-    (["demo", "--frames", "0"], "--frames: must be an integer >= 5"),
-    (["demo", "--size", "60", "64"], "--size: must be a multiple of 8"),
+    (["demo", "--frames", "0"], "--frames: must be 1+4k of at least 5 (1, 5, 9, 13, 17, ...), got 0; nearest: 5\n"),
+    (["demo", "--size", "60", "64"], "--size: must be HxW in multiples of 8, got 60x64; nearest: 56x64 or 64x64"),
     (["demo", "--seed", "-1"], "--seed: must be an integer >= 0"),
 ])
 def test_bad_numbers_are_refused_at_parsing(argv, allowed, capsys):
