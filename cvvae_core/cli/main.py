@@ -31,6 +31,8 @@ def main(argv=None, prog: str = "cvvae") -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # end the line the terminal's ^C (or a progress bar) left open
         print(f"interrupted: {args.interrupted(args)}", file=sys.stderr)
         return INTERRUPTED
     except CVVAEError as e:
