@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import cvvae_core
-from cvvae_core.cli.main import main
+from cvvae_core.cli.args import SIZE_RULE, legacy_size_pairs
+from cvvae_core.cli.main import build_parser, main
 from cvvae_core.io.video import read_video, write_video
 
 
@@ -126,3 +127,69 @@ def test_inflate_given_a_cvvae_says_so(tmp_path, capsys):
     assert main(["inflate", str(builtin_path()), str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "is a CV-VAE" in err and "'builtin' for the built-in image VAE" in err and "norm_groups" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the argument that was wrong, in the command line's words
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def pickle_file(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"encoder.conv_in.weight": torch.zeros(1)}, path)
+    return path
+
+
+@pytest.mark.parametrize("command", [["info"], ["reconstruct"]])
+def test_a_pickle_checkpoint_is_pointed_at_allow_pickle(command, pickle_file, tmp_path, capsys):
+    extra = [str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4")] if command == ["reconstruct"] else []
+    assert main([*command, str(pickle_file), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: argument checkpoint: {pickle_file} is a pickle-based checkpoint")
+    assert "pass --allow-pickle" in err and "allow_pickle=True" not in err
+
+
+def test_encode_dataset_says_it_reads_safetensors_only(pickle_file, tmp_path, capsys):
+    assert main(["encode-dataset", str(pickle_file), "--videos", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--size", "32x32"]) == 2
+    err = capsys.readouterr().err
+    assert "argument checkpoint:" in err and "reads .safetensors only" in err and "allow" not in err
+
+
+def test_a_video_given_as_the_checkpoint_says_which_argument_is_which(tmp_path, capsys):
+    video = tmp_path / "clip.mp4"
+    write_video(video, torch.zeros(5, 16, 16, 3, dtype=torch.uint8), fps=8)
+    assert main(["reconstruct", str(video), "builtin", str(tmp_path / "out.mp4")]) == 2
+    assert capsys.readouterr().err == (f"error: argument checkpoint: {video} is a video, not a checkpoint (a release "
+                                       "folder, a .safetensors file or 'builtin'); the first argument is the "
+                                       "checkpoint, the input video comes second\n")
+
+
+def test_a_missing_input_video_names_the_input_argument(tmp_path, capsys):
+    assert main(["reconstruct", "builtin", str(tmp_path / "missing.mp4"), str(tmp_path / "out.mp4")]) == 2
+    assert capsys.readouterr().err.startswith("error: argument input: video file ")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"cvvae_core {cvvae_core.__version__}\n"
+
+
+def test_every_sized_command_takes_size_hxw_and_states_the_rule(capsys):
+    for command in (["reconstruct", "builtin", "in.mp4", "out.mp4"], ["encode-dataset", "builtin", "--videos", "v",
+                    "--out", "o"], ["compat", "builtin", "builtin", "synthetic:1"], ["demo"]):
+        args = build_parser().parse_args([*command, "--size", "64x96"])
+        assert tuple(args.size) == (64, 96)
+        args = build_parser().parse_args(legacy_size_pairs([*command, "--size", "64", "96"]))  # the older spelling
+        assert tuple(args.size) == (64, 96)
+        with pytest.raises(SystemExit):
+            main([command[0], "--help"])
+        assert " ".join(SIZE_RULE.split()) in " ".join(capsys.readouterr().out.split())
+
+
+def test_compat_says_what_it_cropped_from_a_video(tmp_path, capsys):
+    video = tmp_path / "clip.mp4"
+    write_video(video, (torch.rand(7, 36, 44, 3) * 255).to(torch.uint8), fps=8)
+    assert main(["compat", "builtin", "builtin", str(video), "--frames", "9"]) == 0
+    out = capsys.readouterr().out
+    assert "cropped  2 trailing frames, 4 bottom rows, 4 right columns" in out and "clip: 5 frames 32x40" in out

@@ -132,14 +132,14 @@ def argument_errors(name: str, value: str, kinds=CVVAEError, *, pickle_flag: boo
     try:
         yield
     except PickleRefusedError:
-        fix = ("pass --allow-pickle to read it with torch.load(weights_only=True)" if pickle_flag else
-               "this command reads .safetensors only")
+        fix = ("use the .safetensors release, or pass --allow-pickle to read it with torch.load(weights_only=True)"
+               if pickle_flag else "this command reads .safetensors only: use the .safetensors release")
         raise PickleRefusedError(f"argument {name}: {value} is a pickle-based checkpoint, which can run code when "
-                                 f"loaded; use the .safetensors release, or {fix}") from None
+                                 f"loaded; {fix}") from None
     except CheckpointCorruptError as e:
         if Path(value).suffix.lower() in VIDEO_SUFFIXES:
-            raise CheckpointCorruptError(f"argument {name}: {value} is a video, not a checkpoint; {role} (a release "
-                                         "folder, a .safetensors file or 'builtin')") from None
+            raise CheckpointCorruptError(f"argument {name}: {value} is a video, not a checkpoint (a release folder, a "
+                                         f".safetensors file or 'builtin'); {role}") from None
         raise CheckpointCorruptError(f"argument {name}: {e}") from None
     except kinds as e:
         raise type(e)(f"argument {name}: {e}") from None
