@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 
 def cmd_info(args) -> int:
     with argument_errors("checkpoint", args.checkpoint, CheckpointError, pickle_flag=True,
-                         role="info takes a checkpoint"):
+                         role="to reconstruct a video: reconstruct CHECKPOINT INPUT OUTPUT"):
         sd, hints = read_state_dict(args.checkpoint, allow_pickle=args.allow_pickle)
         model = build_model(sd, hints, source=Path(args.checkpoint).name, dtype=torch.float32)  # raises on bad keys
     file_dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
@@ -165,10 +165,6 @@ def _reconstruct(args, rank: int, group=None) -> int:
     return 0
 
 
-def _strip_path(args) -> Path:
-    return Path(args.strip) if args.strip else Path(args.output).with_suffix(".png")
-
-
 def _write_outputs(args, frames, fps, video, enc, recon, seconds):
     print(f"latent   {list(enc.latent.shape)}")
     print(f"time     {seconds:.1f}s encode+decode ({recon.shape[2] / seconds:.2f} frames/s)")
@@ -178,7 +174,7 @@ def _write_outputs(args, frames, fps, video, enc, recon, seconds):
     print(f"SSIM     {metrics.ssim(recon, target):.4f}")
     metrics_seconds, start = time.monotonic() - start, time.monotonic()
     out_frames = to_uint8(recon)
-    strip = _strip_path(args)
+    strip = Path(args.strip) if args.strip else Path(args.output).with_suffix(".png")
     try:
         write_video(args.output, out_frames, fps)
         write_png(strip, side_by_side_strip(frames[: out_frames.shape[0], : out_frames.shape[1],
