@@ -7,6 +7,7 @@ import torch
 import cvvae_core
 from cvvae_core.cli.args import SIZE_RULE, legacy_size_pairs
 from cvvae_core.cli.main import build_parser, main
+from cvvae_core.errors import OutOfMemoryError
 from cvvae_core.io.video import read_video, write_video
 
 
@@ -193,3 +194,20 @@ def test_compat_says_what_it_cropped_from_a_video(tmp_path, capsys):
     assert main(["compat", "builtin", "builtin", str(video), "--frames", "9"]) == 0
     out = capsys.readouterr().out
     assert "cropped  2 trailing frames, 4 bottom rows, 4 right columns" in out and "clip: 5 frames 32x40" in out
+
+
+@pytest.mark.parametrize("tiling,advice", [("seamless", "give a smaller --size, use --dtype fp16 or bf16"),
+                                           ("official", "use --tiling seamless, or lower --tile-size / --chunk-frames"),
+                                           ("none", "use --tiling seamless")])
+def test_out_of_memory_is_answered_with_flags(tiling, advice, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "in.mp4"
+    write_video(source, torch.zeros(5, 16, 16, 3, dtype=torch.uint8), fps=8)
+
+    def out_of_memory(self, *args, **kwargs):
+        raise OutOfMemoryError("out of device memory: lower tile_size/chunk_frames, or use mode='seamless'")
+
+    monkeypatch.setattr(cvvae_core.CVVAE, "encode_framed", out_of_memory)
+    assert main(["reconstruct", "builtin", str(source), str(tmp_path / "out.mp4"), "--tiling", tiling]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of device memory") and f"--tiling {tiling}" in err
+    assert advice in err and "tile_size" not in err and "mode=" not in err

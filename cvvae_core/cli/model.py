@@ -13,7 +13,7 @@ import torch.distributed as dist
 from .. import metrics
 from ..devices import DTYPES, resolve_device, resolve_dtype
 from ..distributed import TileGroup, init_distributed
-from ..errors import CheckpointError, DistributedRunError, InputError, VideoFileError
+from ..errors import CheckpointError, DistributedRunError, InputError, OutOfMemoryError, VideoFileError
 from ..io.checkpoint import build_model, load_model, read_state_dict
 from ..io.video import check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png, \
     write_video
@@ -153,10 +153,13 @@ def _reconstruct(args, rank: int, group=None) -> int:
         return TilingOptions(mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames,
                              progress=TextProgress(label, percent=True) if rank == 0 else None,
                              distributed=args.distributed)
-    enc = model.encode_framed(video, frame_policy="trim", tiling=tiling("encode"))
-    if cropped := describe_crop(enc.adjustment):
-        say(cropped)
-    recon = model.decode(enc, tiling=tiling("decode"))
+    try:
+        enc = model.encode_framed(video, frame_policy="trim", tiling=tiling("encode"))
+        if cropped := describe_crop(enc.adjustment):
+            say(cropped)
+        recon = model.decode(enc, tiling=tiling("decode"))
+    except (OutOfMemoryError, torch.OutOfMemoryError):
+        raise OutOfMemoryError(out_of_memory_advice(args.tiling)) from None
     seconds = time.monotonic() - start
     if rank == 0:
         guarded(lambda: _write_outputs(args, frames, fps, video, enc, recon, seconds))
@@ -185,6 +188,19 @@ def _write_outputs(args, frames, fps, video, enc, recon, seconds):
         raise
     print(f"time     {metrics_seconds:.1f}s PSNR+SSIM, {time.monotonic() - start:.1f}s writing")
     print(f"wrote    {args.output} and {strip} (top: input, bottom: reconstruction)")
+
+
+def out_of_memory_advice(tiling: str) -> str:
+    """What to change on the command line when the device ran out of memory with ``--tiling``."""
+    if tiling == "none":
+        return ("out of device memory with --tiling none (the whole clip at once); use --tiling seamless, which "
+                "splits the work into pieces that fit")
+    if tiling == "official":
+        return ("out of device memory with --tiling official, which keeps the release's tile sizes; use --tiling "
+                "seamless, or lower --tile-size / --chunk-frames (results then differ from the release), or use "
+                "--dtype fp16 or bf16")
+    return ("out of device memory even with the smallest pieces --tiling seamless tries; give a smaller --size, use "
+            "--dtype fp16 or bf16, or free device memory used by other programs")
 
 
 def reconstruct_interrupted(args) -> str:
