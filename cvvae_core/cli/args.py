@@ -111,15 +111,17 @@ def device_name(text: str) -> str:
     return text
 
 
-def describe_crop(adjustment) -> str | None:
-    """The line a command prints when it cropped a video down to what the model takes (a
-    :class:`~cvvae_core.model.frames.FrameAdjustment`), or None when nothing was cropped."""
+def describe_crop(adjustment, config) -> str | None:
+    """The line a command prints when it cropped a video down to what the model (of
+    :class:`~cvvae_core.spec.CVVAEConfig` ``config``) takes, from the
+    :class:`~cvvae_core.model.frames.FrameAdjustment`; None when nothing was cropped."""
     parts = [f"{n} {what}{'s' if n != 1 else ''}" for n, what in
              ((adjustment.trimmed_frames, "trailing frame"), (adjustment.trimmed_height, "bottom row"),
               (adjustment.trimmed_width, "right column")) if n]
     if not parts:
         return None
-    return f"cropped  {', '.join(parts)} (the model takes 1+{FRAME_STEP}k frames and sizes in multiples of {SIZE_STEP})"
+    return (f"cropped  {', '.join(parts)} (the model takes 1+{config.time_compression}k frames and sizes in "
+            f"multiples of {config.spatial_compression})")
 
 
 @contextmanager

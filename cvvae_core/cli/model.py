@@ -155,7 +155,7 @@ def _reconstruct(args, rank: int, group=None) -> int:
                              distributed=args.distributed)
     try:
         enc = model.encode_framed(video, frame_policy="trim", tiling=tiling("encode"))
-        if cropped := describe_crop(enc.adjustment):
+        if cropped := describe_crop(enc.adjustment, model.config):
             say(cropped)
         recon = model.decode(enc, tiling=tiling("decode"))
     except (OutOfMemoryError, torch.OutOfMemoryError):

@@ -112,7 +112,7 @@ def cmd_compat(args) -> int:
         with argument_errors("clip", args.clip, VideoFileError):
             frames, _ = read_video(args.clip, max_frames=args.frames, height=h, width=w)
         clip, adjustment = conform(to_model_range(frames), video_vae.config, "trim")
-        if cropped := describe_crop(adjustment):
+        if cropped := describe_crop(adjustment, video_vae.config):
             print(cropped, file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the JSON alone
     report = compat_report(video_vae, image_vae, clip)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
