@@ -40,13 +40,15 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=size_hw, metavar="HxW",
                    help="resize to HxW (cover + centre crop), multiples of 8, e.g. 576x1024 (default: the "
                         "video's own size, cropped to multiples of 8)")
-    p.add_argument("--height", type=side, help="the H of --size alone (the width stays the video's)")
-    p.add_argument("--width", type=side, help="the W of --size alone (the height stays the video's)")
+    p.add_argument("--height", type=side, metavar="H", help="the H of --size alone (the width stays the video's)")
+    p.add_argument("--width", type=side, metavar="W", help="the W of --size alone (the height stays the video's)")
     p.add_argument("--frames", type=frame_count(), metavar="N",
                    help="frames to read, 1+4k (default: all, cropped to 1+4k)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp32 on CPU, bf16/fp16 on CUDA")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--tiling", choices=["seamless", "official", "none"], default="seamless")
+    p.add_argument("--tiling", choices=["seamless", "official", "none"], default="seamless",
+                   help="seamless (default): pieces sized to free memory, equal to untiled; official: the release's "
+                        "tiles and blending; none: the whole clip at once")
     p.add_argument("--tile-size", type=int_at_least(8, multiple_of=8),
                    help="spatial tile in pixels, a multiple of 8 (default: from free memory)")
     p.add_argument("--chunk-frames", type=int_at_least(1), help="frames per time chunk (default: automatic)")
