@@ -24,10 +24,12 @@ KEPT_BEFORE_CTRL_C = 3  # clips made durable before the interrupt arrives
 # The real command in a child process, paused for Ctrl-C once KEPT_BEFORE_CTRL_C clips are durable:
 # the interrupt then lands mid-run at a known point, on any machine however fast or loaded.
 PAUSED_RUN = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import cvvae_core.data.encode as encode
 from cvvae_core.cli.main import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if pytest runs in the background
 
 ready, kept, append = Path(sys.argv[1]), [], encode.append_lines
 def append_then_pause(path, records):
