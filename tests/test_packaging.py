@@ -79,6 +79,8 @@ def test_cvvae_command_is_python_m_cvvae_core(installed, tmp_path):
     as_module = run_outside(installed, tmp_path, sys.executable, "-m", "cvvae_core", "--help")
     assert as_command.startswith("usage: cvvae ") and as_module.startswith("usage: python -m cvvae_core ")
     assert as_command.split("\n\n", 1)[1] == as_module.split("\n\n", 1)[1]  # same commands after the usage line
+    assert run_outside(installed, tmp_path, sys.executable, str(command), "--version") == \
+        f"cvvae_core {version_in_source()}\n"
 
 
 def test_readme_python_api_runs_as_written(installed, tmp_path):

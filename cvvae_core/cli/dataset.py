@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..data.encode import EncodeOptions, encode_dataset, merge, read_jsonl
 from ..devices import DTYPES
-from .args import device_name, int_at_least
-
-
-def size_hw(text: str) -> tuple[int, int]:
-    """An argparse ``type``: ``HxW`` with multiples of 8, e.g. 256x256."""
-    h, sep, w = text.lower().partition("x")
-    if not (sep and h.isdigit() and w.isdigit() and int(h) >= 8 and int(w) >= 8 and not int(h) % 8 and not int(w) % 8):
-        raise argparse.ArgumentTypeError(f"must be HxW in multiples of 8 (e.g. 256x256), got {text!r}")
-    return int(h), int(w)
+from ..errors import CheckpointError
+from .args import SIZE_RULE, argument_errors, device_name, frame_count, int_at_least, size_hw
 
 
 def windows_spec(text: str) -> str:
@@ -23,13 +18,16 @@ def windows_spec(text: str) -> str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("encode-dataset", help="encode a folder or manifest of videos to latent shards + index "
-                                                     "(resumable; run under torchrun for several GPUs/machines)")
+                                                     "(resumable; run under torchrun for several GPUs/machines)",
+                              epilog=SIZE_RULE)
     p.add_argument("checkpoint", help="release folder, a .safetensors file, or 'builtin'")
     p.add_argument("--videos", required=True, help="folder of videos (searched recursively) or a text file with "
                                                    "one video path per line")
     p.add_argument("--out", required=True, help="output folder: shards, index.jsonl, errors.jsonl, run.json")
-    p.add_argument("--frames", type=int_at_least(1), default=17, help="frames per clip, 1+4k (default 17)")
-    p.add_argument("--size", type=size_hw, required=True, help="HxW each frame is scaled (cover) and cropped to")
+    p.add_argument("--frames", type=frame_count(), metavar="N", default=17,
+                   help="frames per clip, 1+4k (default 17)")
+    p.add_argument("--size", type=size_hw, metavar="HxW", required=True,
+                   help="HxW in multiples of 8 each frame is scaled (cover) and centre-cropped to, e.g. 256x256")
     p.add_argument("--stride", type=int_at_least(1), default=1, help="take every n-th source frame (default 1)")
     p.add_argument("--windows", type=windows_spec, default="first",
                    help="clips per video: first, all (back to back) or N evenly spaced (default first)")
@@ -43,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-workers", type=int_at_least(0), default=2, help="video decoding processes (default 2)")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any video could not be used")
-    p.set_defaults(func=cmd_encode_dataset)
+    p.set_defaults(func=cmd_encode_dataset, interrupted=encode_interrupted)
 
     p = subparsers.add_parser("merge", help="merge the per-rank index/errors files of an encode-dataset folder")
     p.add_argument("out", help="the encode-dataset output folder")
@@ -51,13 +49,13 @@ def register(subparsers) -> None:
 
 
 def cmd_encode_dataset(args) -> int:
-    from ..data.encode import EncodeOptions, encode_dataset
-
     opts = EncodeOptions(model=args.checkpoint, videos=args.videos, out=args.out, frames=args.frames,
                          height=args.size[0], width=args.size[1], frame_stride=args.stride, windows=args.windows,
                          dtype=args.dtype, batch_size=args.batch_size, output=args.output, tiling=args.tiling,
                          shard_mb=args.shard_mb, num_workers=args.num_workers, device=args.device, strict=args.strict)
-    s = encode_dataset(opts)
+    with argument_errors("checkpoint", args.checkpoint, CheckpointError,
+                         role="the first argument is the checkpoint, the videos go to --videos"):
+        s = encode_dataset(opts)
     rank = f"rank {s.rank}/{s.world_size} " if s.world_size > 1 else ""
     print(f"{rank}encoded  {s.encoded} clips in {s.seconds:.1f}s ({s.clips_per_second:.2f} clips/s); "
           f"{s.already_done} already in the index")
@@ -66,9 +64,13 @@ def cmd_encode_dataset(args) -> int:
     return 1 if args.strict and s.failed_videos else 0
 
 
-def cmd_merge(args) -> int:
-    from ..data.encode import merge
+def encode_interrupted(args) -> str:
+    kept = sum(len(read_jsonl(part)) for part in Path(args.out).glob("index.rank*.jsonl"))
+    return (f"{kept} encoded clips are kept in {args.out} (its shards and index); run the same command again to "
+            "encode the rest")
 
+
+def cmd_merge(args) -> int:
     clips, failed = merge(args.out)
     print(f"merged   {clips} clips into {args.out}/index.jsonl, {failed} failed videos into {args.out}/errors.jsonl")
     return 0

@@ -1,0 +1,210 @@
+"""Subcommands ``info`` and ``reconstruct``: one checkpoint, one video."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import metrics
+from ..devices import DTYPES, resolve_device, resolve_dtype
+from ..distributed import TileGroup, init_distributed
+from ..errors import CheckpointError, DistributedRunError, InputError, OutOfMemoryError, VideoFileError
+from ..io.checkpoint import build_model, load_model, read_state_dict
+from ..io.video import check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png, \
+    write_video
+from ..progress import TextProgress
+from ..tiling.runner import TilingOptions
+from .args import SIZE_RULE, argument_errors, describe_crop, device_name, frame_count, int_at_least, side, size_hw
+
+CHECKPOINT_HELP = "release folder, its parent, a .safetensors file, or 'builtin'"
+CHECKPOINT_FIRST = "the first argument is the checkpoint, the input video comes second"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="describe a checkpoint: variant, config, parameters, key check")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--allow-pickle", action="store_true", help="also read .ckpt/.pt/.bin (weights_only=True)")
+    p.set_defaults(func=cmd_info)
+
+    p = subparsers.add_parser("reconstruct", help="encode and decode a video; print PSNR/SSIM; write MP4 + PNG strip",
+                              epilog=SIZE_RULE)
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("input", help="input video (anything FFmpeg reads)")
+    p.add_argument("output", help="output .mp4 (or .mkv, .mov)")
+    p.add_argument("--size", type=size_hw, metavar="HxW",
+                   help="resize to HxW (cover + centre crop), multiples of 8, e.g. 576x1024 (default: the "
+                        "video's own size, cropped to multiples of 8)")
+    p.add_argument("--height", type=side, metavar="H", help="the H of --size alone (the width stays the video's)")
+    p.add_argument("--width", type=side, metavar="W", help="the W of --size alone (the height stays the video's)")
+    p.add_argument("--frames", type=frame_count(), metavar="N",
+                   help="frames to read, 1+4k (default: all, cropped to 1+4k)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp32 on CPU, bf16/fp16 on CUDA")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--tiling", choices=["seamless", "official", "none"], default="seamless",
+                   help="seamless (default): pieces sized to free memory, equal to untiled; official: the release's "
+                        "tiles and blending; none: the whole clip at once")
+    p.add_argument("--tile-size", type=int_at_least(8, multiple_of=8),
+                   help="spatial tile in pixels, a multiple of 8 (default: from free memory)")
+    p.add_argument("--chunk-frames", type=int_at_least(1), help="frames per time chunk (default: automatic)")
+    p.add_argument("--strip", help="side-by-side PNG path (default: OUTPUT with .png)")
+    p.add_argument("--allow-pickle", action="store_true", help="also read .ckpt/.pt/.bin (weights_only=True)")
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun: share the seamless tiles of the clip among the ranks (rank 0 writes)")
+    p.set_defaults(func=cmd_reconstruct, interrupted=reconstruct_interrupted)
+
+
+def cmd_info(args) -> int:
+    with argument_errors("checkpoint", args.checkpoint, CheckpointError, pickle_flag=True,
+                         role="to reconstruct a video: reconstruct CHECKPOINT INPUT OUTPUT"):
+        sd, hints = read_state_dict(args.checkpoint, allow_pickle=args.allow_pickle)
+        model = build_model(sd, hints, source=Path(args.checkpoint).name, dtype=torch.float32)  # raises on bad keys
+    file_dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
+    cfg = model.config
+    info = {
+        "variant": cfg.variant,
+        "layout": {"sd": "the vae3d / vae3d_v1-1 key layout", "sd3": "the vae3d_sd3 key layout"}[cfg.variant],
+        "latent_space": cfg.latent_space,
+        "latent_channels": cfg.latent_channels,
+        "compression": f"{cfg.time_compression}x time, {cfg.spatial_compression}x space",
+        "config": cfg.to_dict(),
+        "parameters": sum(v.numel() for v in sd.values()),
+        "tensors": len(sd),
+        "file_dtype": file_dtypes,
+        "keys": "ok: every key present with the expected shape",
+        "latent_scaling": {"scale": cfg.scaling_factor, "shift": cfg.shift_factor,
+                           "note": "metadata only; encode/decode use raw latents"},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:16s} {v}")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    if args.size and (args.height or args.width):
+        raise InputError("give the size once: --size HxW, or the older --height/--width")
+    if args.size:
+        args.height, args.width = args.size
+    if not args.distributed:
+        return _reconstruct(args, rank=0)
+    if args.tiling != "seamless":
+        raise InputError(f"--distributed shares the seamless engine's tiles; it does not apply to --tiling {args.tiling}")
+    device = resolve_device(args.device)
+    rank, world, own_group = init_distributed(device)
+    if device.type == "cuda" and world > 1 and args.device == "auto":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    try:
+        code = _reconstruct(args, rank, TileGroup.of(True))
+    except DistributedRunError as e:
+        if not own_group:
+            raise
+        # Every rank got this error. Exit at once: gloo (torch 2.13) can abort with SIGABRT
+        # ("terminate called without an active exception") tearing down while a peer exits.
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    else:
+        if not own_group:
+            return code
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see above: no interpreter finalization with gloo's threads around
+
+
+def _reconstruct(args, rank: int, group=None) -> int:
+    """Every rank computes (sharing tiles when ``--distributed``); rank 0 alone prints and writes.
+    With a ``group`` (:class:`~cvvae_core.distributed.TileGroup`), a failure on any rank, before,
+    in or after the engine, stops every rank with DistributedRunError."""
+    def guarded(fn):
+        if group is None:
+            return fn()
+        result = group.run(fn)
+        group.check()
+        return result
+
+    def prepare():
+        with argument_errors("output", args.output, VideoFileError):
+            check_output_path(args.output)  # before minutes of work, not after
+        with argument_errors("checkpoint", args.checkpoint, CheckpointError, pickle_flag=True, role=CHECKPOINT_FIRST):
+            model = load_model(args.checkpoint, device=device,
+                               dtype=resolve_dtype(args.dtype), allow_pickle=args.allow_pickle)
+        with argument_errors("input", args.input, VideoFileError):
+            frames, fps = read_video(args.input, max_frames=args.frames, height=args.height, width=args.width)
+        return model, frames, fps
+
+    device = resolve_device(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    model, frames, fps = guarded(prepare)
+    video = to_model_range(frames)
+    say(f"model    {model.variant}, {model.latent_channels} latent channels, {model.dtype}, {device}")
+    say(f"input    {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} at {fps:.2f} fps")
+    start = time.monotonic()
+
+    def tiling(label: str) -> TilingOptions | None:
+        if args.tiling == "none":
+            return None  # untiled: the whole clip at once
+        return TilingOptions(mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames,
+                             progress=TextProgress(label, percent=True) if rank == 0 else None,
+                             distributed=args.distributed)
+    try:
+        enc = model.encode_framed(video, frame_policy="trim", tiling=tiling("encode"))
+        if cropped := describe_crop(enc.adjustment, model.config):
+            say(cropped)
+        recon = model.decode(enc, tiling=tiling("decode"))
+    except (OutOfMemoryError, torch.OutOfMemoryError):
+        raise OutOfMemoryError(out_of_memory_advice(args.tiling)) from None
+    seconds = time.monotonic() - start
+    if rank == 0:
+        guarded(lambda: _write_outputs(args, frames, fps, video, enc, recon, seconds))
+    else:
+        guarded(lambda: None)  # waits for rank 0's writing; stops with it if that fails
+    return 0
+
+
+def _write_outputs(args, frames, fps, video, enc, recon, seconds):
+    print(f"latent   {list(enc.latent.shape)}")
+    print(f"time     {seconds:.1f}s encode+decode ({recon.shape[2] / seconds:.2f} frames/s)")
+    start = time.monotonic()
+    target = video[:, :, : recon.shape[2], : recon.shape[3], : recon.shape[4]]
+    print(f"PSNR     {metrics.psnr(recon, target):.2f} dB")
+    print(f"SSIM     {metrics.ssim(recon, target):.4f}")
+    metrics_seconds, start = time.monotonic() - start, time.monotonic()
+    out_frames = to_uint8(recon)
+    strip = Path(args.strip) if args.strip else Path(args.output).with_suffix(".png")
+    try:
+        write_video(args.output, out_frames, fps)
+        write_png(strip, side_by_side_strip(frames[: out_frames.shape[0], : out_frames.shape[1],
+                                                   : out_frames.shape[2]], out_frames))
+    except KeyboardInterrupt:
+        for path in (Path(args.output), strip):  # a half-written file is no result: keep none
+            path.unlink(missing_ok=True)
+        raise
+    print(f"time     {metrics_seconds:.1f}s PSNR+SSIM, {time.monotonic() - start:.1f}s writing")
+    print(f"wrote    {args.output} and {strip} (top: input, bottom: reconstruction)")
+
+
+def out_of_memory_advice(tiling: str) -> str:
+    """What to change on the command line when the device ran out of memory with ``--tiling``."""
+    if tiling == "none":
+        return ("out of device memory with --tiling none (the whole clip at once); use --tiling seamless, which "
+                "splits the work into pieces that fit")
+    if tiling == "official":
+        return ("out of device memory with --tiling official, which keeps the release's tile sizes; use --tiling "
+                "seamless, or lower --tile-size / --chunk-frames (results then differ from the release), or use "
+                "--dtype fp16 or bf16")
+    return ("out of device memory even with the smallest pieces --tiling seamless tries; give a smaller --size, use "
+            "--dtype fp16 or bf16, or free device memory used by other programs")
+
+
+def reconstruct_interrupted(args) -> str:
+    return (f"nothing was kept ({args.output} is written only at the end); run the same command again to "
+            "start over")

@@ -1,0 +1,140 @@
+"""Ctrl-C on the long commands: one line on what was kept and how to go on, exit status 130, no
+traceback; and running the same command again finishes the work."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvvae_core.cli import model as cli_model
+from cvvae_core.cli import train as cli_train
+from cvvae_core.cli.main import INTERRUPTED, main
+from cvvae_core.data.encode import EncodeOptions, encode_dataset
+from cvvae_core.data.synthetic import SyntheticConfig, generate_clip
+from cvvae_core.io.video import to_uint8, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+KEPT_BEFORE_CTRL_C = 3  # clips made durable before the interrupt arrives
+
+# The real command in a child process, paused for Ctrl-C once KEPT_BEFORE_CTRL_C clips are durable:
+# the interrupt then lands mid-run at a known point, on any machine however fast or loaded.
+PAUSED_RUN = """
+import signal, sys, time
+from pathlib import Path
+import cvvae_core.data.encode as encode
+from cvvae_core.cli.main import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if pytest runs in the background
+
+ready, kept, append = Path(sys.argv[1]), [], encode.append_lines
+def append_then_pause(path, records):
+    append(path, records)
+    if path.name.startswith("index."):
+        kept.extend(records)
+        if len(kept) >= {kept}:
+            ready.touch()
+            time.sleep(120)
+encode.append_lines = append_then_pause
+sys.exit(main(sys.argv[2:]))
+""".format(kept=KEPT_BEFORE_CTRL_C)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("videos")
+    for i in range(6):
+        write_video(folder / f"clip{i}.mp4", to_uint8(generate_clip(i, SyntheticConfig(frames=9, height=32,
+                                                                                        width=32))[None]), fps=8)
+    return folder
+
+
+def encode_args(videos: Path, out: Path) -> list[str]:
+    # One clip per shard and model call, so clips become durable one by one.
+    return ["encode-dataset", "builtin", "--videos", str(videos), "--out", str(out), "--frames", "5",
+            "--size", "32x32", "--batch-size", "1", "--shard-mb", "0.0001", "--num-workers", "1"]
+
+
+def clip_ids(out: Path) -> list[str]:
+    return [json.loads(line)["clip"] for line in (out / "index.jsonl").read_text().splitlines()]
+
+
+def test_ctrl_c_on_encode_dataset_keeps_the_encoded_clips_and_the_rerun_finishes(videos, tmp_path):
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # A session of its own: Ctrl-C in a terminal reaches the whole group, the decoding worker too.
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(ready), *encode_args(videos, out)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), child.communicate(timeout=10)
+        os.killpg(child.pid, signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last == (f"interrupted: {KEPT_BEFORE_CTRL_C} encoded clips are kept in {out} (its shards and index); "
+                    "run the same command again to encode the rest"), stderr
+
+    assert main(encode_args(videos, out)) == 0
+    reference = tmp_path / "uninterrupted"
+    encode_dataset(EncodeOptions(model="builtin", videos=str(videos), out=str(reference), frames=5, height=32,
+                                 width=32, num_workers=0))
+    assert clip_ids(out) == clip_ids(reference) and len(clip_ids(out)) == 6
+
+
+def test_ctrl_c_on_reconstruct_keeps_no_half_written_output(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "in.mp4"
+    write_video(source, to_uint8(generate_clip(0, SyntheticConfig(frames=5, height=32, width=32))[None]), fps=8)
+    out = tmp_path / "out.mp4"
+
+    def write_then_ctrl_c(path, frames, fps):
+        Path(path).write_bytes(b"half a video")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_model, "write_video", write_then_ctrl_c)
+    assert main(["reconstruct", "builtin", str(source), str(out)]) == INTERRUPTED
+    assert not out.exists()
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress lines
+    assert last == f"interrupted: nothing was kept ({out} is written only at the end); run the same command again to " \
+                   "start over"
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_ctrl_c_on_train_names_the_step_it_resumes_from(tmp_path, monkeypatch, capsys, restart):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": "image_vae", "steps": 10}))
+    out = tmp_path / "run"
+
+    def train_then_ctrl_c(cfg, device=None, resume=True):
+        Path(cfg.out_dir).mkdir()
+        torch.save({"step": 4, "model": {"w": torch.zeros(3)}}, Path(cfg.out_dir) / "training_state.pt")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_train, "train", train_then_ctrl_c)
+    assert main(["train", str(config), "--out", str(out), *(["--restart"] if restart else [])]) == INTERRUPTED
+    again = "the same command without --restart" if restart else "the same command again"
+    assert capsys.readouterr().err == (f"interrupted: kept {out / 'training_state.pt'} at step 4 (later steps are "
+                                       f"lost); run {again} to resume from step 4\n")
+
+
+def test_ctrl_c_before_the_first_training_state_says_nothing_was_kept(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": "image_vae", "steps": 10}))
+
+    def ctrl_c(cfg, device=None, resume=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_train, "train", ctrl_c)
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: nothing was kept") and "run the same command again" in err
