@@ -46,30 +46,25 @@ def cmd_info(args) -> int:
 def cmd_reconstruct(args) -> int:
     if not args.distributed:
         return _reconstruct(args, rank=0)
-    from ..distributed import TileGroup, init_distributed
+    from ..distributed import TileGroup, join_ranks
 
     if args.tiling != "seamless":
         raise InputError(f"--distributed shares the seamless engine's tiles; it does not apply to --tiling {args.tiling}")
-    device = resolve_device(args.device)
-    rank, world, own_group = init_distributed(device)
-    if device.type == "cuda" and world > 1 and args.device == "auto":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        args.device = f"cuda:{torch.cuda.current_device()}"
+    ranks = join_ranks(resolve_device(args.device))
+    args.device = str(ranks.device)
     try:
-        code = _reconstruct(args, rank, TileGroup.of(True))
+        code = _reconstruct(args, ranks.rank, TileGroup.of(True))
     except DistributedRunError as e:
-        if not own_group:
+        if not ranks.owns_group:
             raise
         # Every rank got this error. Exit at once: gloo (torch 2.13) can abort with SIGABRT
         # ("terminate called without an active exception") tearing down while a peer exits.
         print(f"error: {e}", file=sys.stderr)
         code = 2
     else:
-        if not own_group:
+        if not ranks.owns_group:
             return code
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        ranks.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # see above: no interpreter finalization with gloo's threads around

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..devices import DTYPES, resolve_device
-from ..distributed import init_distributed  # noqa: F401 - also imported from here
+from ..distributed import join_ranks
 from ..errors import DatasetRunMismatchError, InjectedFaultError, InputError
 from ..io.video import read_video
 
@@ -210,7 +210,7 @@ def cut_torn_line(path: Path):
 
 def write_shard(path: Path, tensors: dict, metadata: dict):
     """Write a safetensors shard under a temporary name, fsync it and rename it into place."""
-    from ..io.checkpoint import write_safetensors
+    from ..io.files import write_safetensors
 
     tmp = path.with_name(f".{path.name}.tmp")
     write_safetensors(tensors, tmp, metadata)
@@ -336,10 +336,8 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
     fault_after = opts.fault_after_clips
     if fault_after is None and os.environ.get(FAULT_ENV):
         fault_after = int(os.environ[FAULT_ENV])
-    device = resolve_device(opts.device)
-    rank, world, own_group = init_distributed(device)
-    if device.type == "cuda" and world > 1 and opts.device == "auto":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    ranks = join_ranks(resolve_device(opts.device))
+    rank, world, device = ranks.rank, ranks.world, ranks.device
     try:
         sd, hints = read_state_dict(opts.model)
         settings = {"model": "builtin" if opts.model == "builtin" else Path(opts.model).name,
@@ -434,7 +432,4 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
         _barrier(world)
         return summary
     finally:
-        if own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        ranks.close()

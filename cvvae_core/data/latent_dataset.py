@@ -6,6 +6,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..errors import InputError
 
@@ -30,8 +31,6 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def _shard(self, name: str):
-        from safetensors import safe_open
-
         if self._handles is None:
             self._handles = OrderedDict()
         if name in self._handles:

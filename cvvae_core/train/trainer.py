@@ -632,15 +632,12 @@ def _shared_data(cfg: TrainConfig, rank: int, world: int, log: RunLog) -> TrainD
 def train(cfg: TrainConfig, device=None, resume: bool = True) -> Path:
     """Run (or resume) a training run; returns the output folder. Under torchrun every rank calls
     this (joining the process group here); rank 0 alone writes."""
-    from ..distributed import init_distributed
+    from ..distributed import join_ranks
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world, _ = init_distributed(device)
-    if device.type == "cuda" and world > 1 and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    ranks = join_ranks(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    rank, world, device = ranks.rank, ranks.world, ranks.device
     out_dir = Path(cfg.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
