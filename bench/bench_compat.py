@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     out = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "frames": args.frames, "size": args.size, "sets": {}}
     for name, clips in sets.items():
-        clips = {k: usable_frames(v) for k, v in clips.items()}
+        clips = {k: usable_frames(v, models["shipped"].config) for k, v in clips.items()}
         print(f"{name}: {len(clips)} clips", file=sys.stderr)
         results = measure(models, image_vae, clips)
         print(f"\n{name} ({len(clips)} clips, {args.frames} frames, {args.size}x{args.size}; "

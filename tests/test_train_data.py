@@ -18,7 +18,10 @@ from cvvae_core.train.lpips import LPIPS, load_lpips
 from cvvae_core.train.plot import COLOURS, PANEL_H, plot_run
 from cvvae_core.data.clips import DataConfig, RandomClips, Video, build_data, probe
 from cvvae_core.data.manifest import Source, list_sources
-from cvvae_core.train.trainer import LossConfig, TrainConfig, TrainConfigError, Trainer, train
+from cvvae_core.errors import TrainConfigError
+from cvvae_core.train.config import LossConfig, TrainConfig
+from cvvae_core.train.run import train
+from cvvae_core.train.trainer import Trainer
 from cvvae_core.io.video import write_video
 
 IMAGE_CFG = dict(base_channels=8, channel_mult=(1, 2, 2, 2), blocks_per_level=1, norm_groups=4, norm_eps=1e-5,

@@ -82,17 +82,11 @@ def register(subparsers) -> None:
 
 
 def cmd_train(args) -> int:
-    from ..train.trainer import TrainConfig, train
+    from ..train.config import TrainConfig
+    from ..train.run import train
 
-    cfg = TrainConfig.from_json(args.config)
-    if args.out:
-        cfg.out_dir = args.out
-    if args.steps is not None:
-        cfg.steps = args.steps
-    if args.image_vae:
-        cfg.image_vae = args.image_vae
-    if args.family:
-        cfg.image_vae_family = args.family
+    cfg = TrainConfig.from_json(args.config, {"out_dir": args.out, "steps": args.steps, "image_vae": args.image_vae,
+                                              "image_vae_family": args.family})
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         out = train(cfg, device=resolve_device(args.device) if args.device else None, resume=not args.restart)
         print(f"saved to {out}")

@@ -41,6 +41,7 @@ from ..io.files import write_safetensors
 from ..io.video import Crop, probe_video, read_frames, to_model_range
 from ..model.cvvae import CVVAE, sample_posterior
 from ..progress import TextProgress
+from ..spec import CVVAEConfig
 from ..tiling.runner import TilingOptions
 from .latent_dataset import shard_problem
 from .manifest import Source, list_sources
@@ -74,10 +75,6 @@ class EncodeOptions:
     fault_after_clips: int | None = field(default=None, repr=False)  # None: from $CVVAE_FAULT_AFTER_CLIPS
 
     def __post_init__(self):
-        if self.frames < 1 or (self.frames - 1) % 4:
-            raise InputError(f"--frames must be 1+4k (1, 5, 9, 13, 17, ...), got {self.frames}")
-        if self.height % 8 or self.width % 8 or self.height < 8 or self.width < 8:
-            raise InputError(f"--size must be multiples of 8 (e.g. 256x256), got {self.height}x{self.width}")
         if self.output not in OUTPUT_MODES:
             raise InputError(f"--output must be one of {', '.join(OUTPUT_MODES)}, got {self.output!r}")
         if self.windows not in ("first", "all") and not (self.windows.isdigit() and int(self.windows) >= 1):
@@ -425,7 +422,20 @@ def _load(opts: EncodeOptions, device: torch.device) -> tuple[CVVAE, dict]:
                 "width": opts.width, "frame_stride": opts.frame_stride, "windows": opts.windows,
                 "output": opts.output, "dtype": opts.dtype, "tiling": opts.tiling}
     model = build_model(sd, hints, source=settings["model"], device=device, dtype=DTYPES[opts.dtype])
+    check_clip_shape(opts, model.config)
     return model, settings
+
+
+def check_clip_shape(opts: EncodeOptions, cfg: CVVAEConfig):
+    """Clips the model encodes exactly: 1 + (time compression) * k frames, sizes multiples of the
+    spatial compression (1+4k and 8 for the released models)."""
+    tc, sc = cfg.time_compression, cfg.spatial_compression
+    if opts.frames < 1 or (opts.frames - 1) % tc:
+        counts = ", ".join(str(1 + tc * k) for k in range(5))
+        raise InputError(f"--frames must be 1+{tc}k ({counts}, ...) for this model, got {opts.frames}")
+    if opts.height % sc or opts.width % sc or min(opts.height, opts.width) < sc:
+        raise InputError(f"--size must be multiples of {sc} (e.g. {32 * sc}x{32 * sc}) for this model, "
+                         f"got {opts.height}x{opts.width}")
 
 
 def _start_folder(out: Path, opts: EncodeOptions, settings: dict, ranks: Ranks):

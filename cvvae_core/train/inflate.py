@@ -36,6 +36,7 @@ from ..spec import CVVAEConfig
 from ..model.image_vae import ImageVAE
 from ..model.cvvae import CVVAE
 from ..data.synthetic import SyntheticConfig, generate_batch
+from ..metrics import psnr
 
 TEMPORAL_ATTN = "decoder.mid.attn_1."
 TEMPORAL_NAMES = ("norm_t", "q_t", "k_t", "v_t", "proj_out_t")
@@ -138,8 +139,6 @@ def inflate(image_vae: ImageVAE, calibration_latents: torch.Tensor | None = None
 def single_frame_gap(model: CVVAE, image_vae: ImageVAE, images: torch.Tensor) -> dict:
     """How far the video model is from the image model on single frames ``[N, 3, H, W]``:
     max |latent difference| and PSNR between the two reconstructions (video model run with T=1)."""
-    from ..metrics import psnr
-
     model, image_vae = model.float().cpu(), image_vae.float().cpu()
     z_img = image_vae.encode(images)
     z_vid = model.encode_distribution(images.unsqueeze(2))[0][:, :, 0]
