@@ -43,7 +43,8 @@ class FramedLatent(NamedTuple):
     adjustment: FrameAdjustment
 
 
-def valid_frame_counts_near(frames: int, step: int = 4) -> tuple[int, int]:
+def valid_frame_counts_near(frames: int, step: int) -> tuple[int, int]:
+    """The valid counts 1 + step * k just below (or at) and above ``frames``."""
     below = 1 + max(0, (frames - 1) // step) * step
     return below, below + step
 

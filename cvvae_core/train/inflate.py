@@ -95,8 +95,12 @@ def _fit_temporal_projection(model: CVVAE, image_vae: ImageVAE, calibration_late
     y = captured[0].flatten(2).transpose(1, 2).flatten(0, 1).double()  # [tokens, C]
     c = y.shape[1]
     ln = F.layer_norm(y, (c,), eps=attn.norm_t.eps)
-    design = torch.cat([ln, torch.ones(len(ln), 1, dtype=y.dtype)], dim=1)
-    solution = torch.linalg.lstsq(design, y).solution                  # [C+1, C]
+    # Layer-normed tokens sum to zero over channels, so with the bias column all C channels would
+    # be linearly dependent: the fit uses C - 1 of them and gives the last weight 0 (the same
+    # outputs on any layer-normed input, and a full-rank problem whose solution is unique).
+    design = torch.cat([ln[:, :-1], torch.ones(len(ln), 1, dtype=y.dtype)], dim=1)
+    fitted = torch.linalg.lstsq(design, y).solution                    # [C, C]
+    solution = torch.cat([fitted[:-1], torch.zeros(1, c, dtype=y.dtype), fitted[-1:]])  # [C+1, C]
     attn.norm_t.weight.fill_(1.0)
     attn.norm_t.bias.zero_()
     attn.v_t.weight.copy_(torch.eye(c))
