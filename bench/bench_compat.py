@@ -42,9 +42,9 @@ from cvvae_core.train.compatibility import compat_report, usable_frames  # noqa:
 from cvvae_core.train.inflate import default_calibration_latents, inflate  # noqa: E402
 from cvvae_core.metrics import psnr  # noqa: E402
 from cvvae_core.data.synthetic import SyntheticConfig, generate_clip  # noqa: E402
+from cvvae_core.data.manifest import VIDEO_SUFFIXES  # noqa: E402
 from cvvae_core.io.video import read_video, to_model_range  # noqa: E402
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 NOREG_COMMAND = ("python -m cvvae_core train cvvae_core/train_configs/builtin_cvvae_noreg.json "
                  "--out runs/cvvae_noreg")
 
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     out = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "frames": args.frames, "size": args.size, "sets": {}}
     for name, clips in sets.items():
-        clips = {k: usable_frames(v) for k, v in clips.items()}
+        clips = {k: usable_frames(v, models["shipped"].config) for k, v in clips.items()}
         print(f"{name}: {len(clips)} clips", file=sys.stderr)
         results = measure(models, image_vae, clips)
         print(f"\n{name} ({len(clips)} clips, {args.frames} frames, {args.size}x{args.size}; "

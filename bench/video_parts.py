@@ -20,9 +20,8 @@ import av
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compat import fraction_range  # noqa: E402
+from cvvae_core.data.manifest import VIDEO_SUFFIXES  # noqa: E402
 from cvvae_core.io.video import read_video, write_video  # noqa: E402
-
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ from ._version import __version__
 from .io.checkpoint import load_model, read_state_dict, save_model
 from .spec import PRESETS, SD, SD3, CVVAEConfig
 from .errors import (CancelledError, ChannelMismatchError, CheckpointCorruptError, CheckpointError,
-                     CheckpointKeyError, CheckpointNotFoundError, CVVAEError, DatasetRunMismatchError,
+                     CheckpointKeyError, CheckpointNotFoundError, CVVAEError, DatasetRunMismatchError, LatentShardError,
                      ForeignCheckpointError, FrameCountError, InputError, OutOfMemoryError, PickleRefusedError)
 from .model.frames import FrameAdjustment, FramedLatent
 from .data.latent_dataset import LatentDataset
@@ -20,4 +20,5 @@ __all__ = [
     "FrameAdjustment", "FramedLatent", "LatentDataset", "CVVAEError", "CheckpointError", "CheckpointNotFoundError",
     "CheckpointCorruptError", "PickleRefusedError", "ForeignCheckpointError", "CheckpointKeyError", "InputError",
     "FrameCountError", "ChannelMismatchError", "OutOfMemoryError", "CancelledError", "DatasetRunMismatchError",
+    "LatentShardError",
 ]

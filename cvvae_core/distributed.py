@@ -1,4 +1,8 @@
-"""torch.distributed helpers: joining a torchrun group, and running one clip's tiles across ranks.
+"""torch.distributed in one place: joining a torchrun group with one device per rank, the
+collectives the library uses, leaving the group; and running one clip's tiles across ranks.
+
+Multi-rank code (training, dataset encoding, ``reconstruct --distributed``) joins with
+:func:`join_ranks` (or :func:`ranks_of`) and talks to the other ranks through :class:`Ranks` only.
 
 The seamless engine (:mod:`cvvae_core.tiling`) uses :class:`TileGroup` when
 ``TilingOptions.distributed`` is set and a process group of more than one rank is initialised:
@@ -12,8 +16,12 @@ preceded by a status exchange, so a rank that fails makes every rank raise
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from .errors import DistributedRunError, InjectedFaultError
 
@@ -21,25 +29,96 @@ from .errors import DistributedRunError, InjectedFaultError
 FAULT_RANK_ENV = "CVVAE_FAULT_RANK"
 
 
-def init_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world_size, whether we started the process group). Under torchrun (``WORLD_SIZE`` > 1)
-    joins the group via env:// (MASTER_ADDR/PORT, RANK, WORLD_SIZE): nccl on CUDA, gloo on CPU."""
-    import torch.distributed as dist
+@dataclass
+class Ranks:
+    """This process's place in a torchrun group (rank 0 of 1 without one), its compute device, and
+    the collectives the library's multi-rank code uses: every one is a no-op for a single process."""
 
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False           # this process joined the group, so it leaves it
+
+    @property
+    def collective_device(self) -> torch.device:
+        """Where collective tensors live: nccl needs CUDA tensors, gloo takes CPU ones."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        parts = [None] * self.world
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    def from_rank0(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over the ranks (the same keys on every rank)."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.collective_device)
+        dist.all_reduce(t)
+        return dict(zip(keys, (t / self.world).tolist()))
+
+    def average_gradients(self, params):
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+    def close(self):
+        """Leave the group if this process joined it."""
+        if self.owns_group:
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def join_ranks(device: torch.device) -> Ranks:
+    """Join the torchrun group when there is one (``WORLD_SIZE`` > 1; env:// rendezvous, nccl on
+    CUDA, gloo on CPU), or use the group already joined. A CUDA device given without an index
+    becomes this rank's own GPU, ``cuda:LOCAL_RANK``, made current with ``torch.cuda.set_device``."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
-    return dist.get_rank(), dist.get_world_size(), True
+        rank, world, owns = dist.get_rank(), dist.get_world_size(), False
+    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        rank, world, owns = 0, 1, False
+    else:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        rank, world, owns = dist.get_rank(), dist.get_world_size(), True
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return Ranks(rank, world, device, owns)
+
+
+@contextmanager
+def ranks_of(device: torch.device) -> Iterator[Ranks]:
+    """:func:`join_ranks` for the length of a ``with`` block; a group joined here is left at its end."""
+    ranks = join_ranks(device)
+    try:
+        yield ranks
+    finally:
+        ranks.close()
 
 
 class TileGroup:
     """The ranks sharing one clip's tiles (see the module docstring)."""
 
     def __init__(self, rank: int, world: int):
-        import torch.distributed as dist
-
         self.dist, self.rank, self.world = dist, rank, world
         self.nccl = dist.get_backend() == "nccl"
         self.error: BaseException | None = None
@@ -50,8 +129,6 @@ class TileGroup:
         """A group when ``enabled`` and more than one rank is initialised; else None (one process)."""
         if not enabled:
             return None
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
             return None
         return cls(dist.get_rank(), dist.get_world_size())

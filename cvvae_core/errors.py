@@ -66,6 +66,11 @@ class DatasetRunMismatchError(CVVAEError):
     """An encode-dataset output folder was started with other settings than this run's."""
 
 
+class LatentShardError(InputError):
+    """A shard of an encoded dataset that is missing, truncated or not the one its index names;
+    running encode-dataset again into the same folder re-encodes its clips."""
+
+
 class InjectedFaultError(CVVAEError, RuntimeError):
     """A deliberate failure from the fault-injection hook (tests of resume after a crash)."""
 

@@ -12,50 +12,92 @@ class ImageFamily:
     """An SD-family image VAE whose latent space a CV-VAE can share: latent channels and the
     (scale, shift) that diffusion models apply to its latents, ``(z - shift) * scale``."""
 
-    name: str
-    description: str
+    name: str                          # the name configs and ``--family`` take
+    short: str                         # the words users see: "SDXL", "FLUX.1", ...
+    space: str                         # its latent space's name: "SD" for SD1.x/2.x (and SVD)
     latent_channels: int
     scaling_factor: float
     shift_factor: float = 0.0
+    variant: str | None = None         # the CV-VAE variant released in this latent space
+    releases: tuple[str, ...] = ()     # ... and its release folder names
+    assumed: bool = False              # the family assumed when only the channel count is known
+    extra_users: str = ""              # other models known to share the latent space
+
+    @property
+    def description(self) -> str:
+        return f"{self.short} image VAE"
+
+    @property
+    def scaling(self) -> tuple[float, float]:
+        return self.scaling_factor, self.shift_factor
+
+    @property
+    def latent_space(self) -> str:
+        users = ", ".join(filter(None, (self.description, self.extra_users)))
+        released = f"; release{'s' if len(self.releases) > 1 else ''} {' / '.join(self.releases)}" \
+            if self.releases else ""
+        return f"{self.space} latent space ({users}{released})"
 
 
 #: The families ``inflate`` and training know (values: the diffusers AutoencoderKL configs of
 #: each model's ``vae/`` folder). Shapes tell 4 from 16 latent channels, never SD1.x from SDXL or
 #: SD3 from FLUX.1: those pairs have the same architecture and differ only in their weights.
 IMAGE_FAMILIES: dict[str, ImageFamily] = {f.name: f for f in (
-    ImageFamily("sd1", "SD1.x/2.x image VAE", 4, 0.18215),
-    ImageFamily("sdxl", "SDXL image VAE", 4, 0.13025),
-    ImageFamily("sd3", "SD3/SD3.5 image VAE", 16, 1.5305, 0.0609),
-    ImageFamily("flux", "FLUX.1 image VAE", 16, 0.3611, 0.1159),
+    ImageFamily("sd1", "SD1.x/2.x", "SD", 4, 0.18215, variant="sd", releases=("vae3d", "vae3d_v1-1"), assumed=True,
+                extra_users="SVD"),
+    ImageFamily("sdxl", "SDXL", "SDXL", 4, 0.13025),
+    ImageFamily("sd3", "SD3/SD3.5", "SD3", 16, 1.5305, 0.0609, variant="sd3", releases=("vae3d_sd3",), assumed=True),
+    ImageFamily("flux", "FLUX.1", "FLUX.1", 16, 0.3611, 0.1159),
 )}
 #: The family assumed from the latent channel count alone, when nothing else says which one.
-DEFAULT_FAMILY = {4: "sd1", 16: "sd3"}
+DEFAULT_FAMILY = {f.latent_channels: f.name for f in IMAGE_FAMILIES.values() if f.assumed}
+#: The family whose latent space each CV-VAE variant shares (the official code stores SD's scale
+#: only, 0.18215 in its config, and never SD3's).
+VARIANT_FAMILY = {f.variant: f for f in IMAGE_FAMILIES.values() if f.variant}
+
+
+def families_with_channels(latent_channels: int) -> list[ImageFamily]:
+    """The families of this latent channel count: they have the same shapes, only weights differ."""
+    return [f for f in IMAGE_FAMILIES.values() if f.latent_channels == latent_channels]
+
+
+def same_shape_twins(name: str) -> list[ImageFamily]:
+    """The other families a file of family ``name`` cannot be told apart from by its shapes."""
+    channels = IMAGE_FAMILIES[name].latent_channels
+    return [f for f in families_with_channels(channels) if f.name != name]
+
+
+def channel_words(latent_channels: int) -> str | None:
+    """The image models of a latent channel count, in words ("SD1.x/2.x/SDXL"), or None."""
+    return "/".join(f.short for f in families_with_channels(latent_channels)) or None
+
+
+def cvvae_owner(latent_channels: int) -> str:
+    """Which CV-VAE release takes latents of this channel count, in words."""
+    family = next((f for f in families_with_channels(latent_channels) if f.releases), None)
+    if family is None:
+        return "another model"
+    return f"the {family.short}-compatible CV-VAE ({' / '.join(family.releases)})"
 
 
 def family_scaling(name: str) -> tuple[float, float]:
-    return IMAGE_FAMILIES[name].scaling_factor, IMAGE_FAMILIES[name].shift_factor
+    return IMAGE_FAMILIES[name].scaling
 
 
-# (scale, shift) of the image VAE whose latent space each variant shares: SD's 0.18215 (the
-# official config's scaling_factor) and SD3's own VAE values, which the CV-VAE code never stores.
-IMAGE_LATENT_SCALING = {"sd": family_scaling("sd1"), "sd3": family_scaling("sd3")}
 # The built-in image VAE's own (scale, shift) (cvvae_core/weights/builtin_image_vae.safetensors;
 # a test checks that the file agrees); the built-in CV-VAE, trained against it, carries them too.
 BUILTIN_IMAGE_LATENT_SCALING = (0.36133, 0.0)
 # The image latent spaces a CV-VAE may share, told apart by the latent (scale, shift) in its
 # metadata: a CV-VAE trained against, or inflated from, an image VAE keeps that VAE's values.
 LATENT_SPACES = {
-    IMAGE_LATENT_SCALING["sd"]: "SD latent space (SD1.x/2.x image VAE, SVD; releases vae3d / vae3d_v1-1)",
-    IMAGE_LATENT_SCALING["sd3"]: "SD3 latent space (SD3 image VAE; release vae3d_sd3)",
-    family_scaling("sdxl"): "SDXL latent space (SDXL image VAE)",
-    family_scaling("flux"): "FLUX.1 latent space (FLUX.1 image VAE)",
+    **{f.scaling: f.latent_space for f in IMAGE_FAMILIES.values()},
     BUILTIN_IMAGE_LATENT_SCALING: "the built-in image VAE's latent space (builtin_image_vae.safetensors), not SD's",
 }
 
 
 def family_of(scaling_factor: float, shift_factor: float) -> str | None:
     """The name of the family with this latent (scale, shift), or None."""
-    return next((name for name in IMAGE_FAMILIES if family_scaling(name) == (scaling_factor, shift_factor)), None)
+    return next((f.name for f in IMAGE_FAMILIES.values() if f.scaling == (scaling_factor, shift_factor)), None)
 
 
 @dataclass(frozen=True)
@@ -87,7 +129,7 @@ class CVVAEConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        scale, shift = IMAGE_LATENT_SCALING[self.variant]
+        scale, shift = VARIANT_FAMILY[self.variant].scaling
         if self.scaling_factor is None:
             object.__setattr__(self, "scaling_factor", scale)
         if self.shift_factor is None:

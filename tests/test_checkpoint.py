@@ -223,3 +223,33 @@ def test_builtin_name_loads_the_shipped_model_from_any_directory(tmp_path, monke
     (tmp_path / "builtin").mkdir()  # a local folder of that name is reached as ./builtin
     with pytest.raises(cvvae_core.CheckpointNotFoundError, match="holds no"):
         cvvae_core.load_model("./builtin")
+
+
+def test_builtin_weights_resaved_as_pt_load_with_their_config(tmp_path):
+    """torch.save of the built-in weights loses the metadata; its shapes name the shipped model, whose
+    GroupNorm group count (8, which 32 cannot stand in for) comes back from there."""
+    builtin = cvvae_core.load_model("builtin", dtype=torch.float32)
+    torch.save(official_sd(builtin), tmp_path / "resaved.pt")
+    model = cvvae_core.load_model(tmp_path / "resaved.pt", allow_pickle=True)
+    assert model.config.norm_groups == 8
+    assert_same_model(model, builtin)
+
+
+def test_resaved_pt_of_an_unknown_size_says_what_it_is(tiny_model, tmp_path):
+    torch.save(official_sd(tiny_model), tmp_path / "resaved.pt")  # 16 channels at level 0: 32 groups cannot be
+    with pytest.raises(cvvae_core.CheckpointKeyError, match="CV-VAE .* saved without its configuration"):
+        cvvae_core.load_model(tmp_path / "resaved.pt", allow_pickle=True)
+
+
+def test_official_sd3_names_map_to_internal_and_back_by_one_table():
+    from conftest import tiny_config
+    from cvvae_core.io import keymap
+
+    model = cvvae_core.CVVAE(tiny_config("sd3"))
+    internal, official = model.state_dict(), official_sd(model)
+    levels = model.config.num_levels
+    assert {keymap.ldm_name(k, levels) for k in official} == set(internal)
+    assert {keymap.diffusers_name(k, levels) for k in internal} == set(official)
+    # diffusers counts decoder levels from the top
+    assert keymap.ldm_name("decoder.up_blocks.0.resnets.0.conv1.weight", levels) == \
+        f"decoder.up.{levels - 1}.block.0.conv1.weight"

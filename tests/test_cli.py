@@ -150,8 +150,11 @@ def test_a_pickle_checkpoint_is_pointed_at_allow_pickle(command, pickle_file, tm
 
 
 def test_encode_dataset_says_it_reads_safetensors_only(pickle_file, tmp_path, capsys):
-    assert main(["encode-dataset", str(pickle_file), "--videos", str(tmp_path), "--out", str(tmp_path / "out"),
-                 "--size", "32x32"]) == 2
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "clip.mp4", torch.zeros(5, 32, 32, 3, dtype=torch.uint8), fps=8)
+    assert main(["encode-dataset", str(pickle_file), "--videos", str(videos), "--out", str(tmp_path / "out"),
+                 "--size", "32x32", "--frames", "5"]) == 2
     err = capsys.readouterr().err
     assert "argument checkpoint:" in err and "reads .safetensors only" in err and "allow" not in err
 

@@ -1,6 +1,7 @@
 """encode-dataset: shards + index, bad videos, resume after a crash, refused resumes, 2 ranks (gloo)."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -214,3 +215,71 @@ def test_merge_rebuilds_the_index(reference, tmp_path, capsys):
     assert main(["merge", str(copy)]) == 0
     assert "merged   10 clips" in capsys.readouterr().out
     assert (copy / "index.jsonl").read_text() == (reference / "index.jsonl").read_text()
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_run(videos, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["encode-dataset", "builtin", "--frames", "5", "--size", "32x32", "--num-workers", "0", "--out", str(out)]
+    assert main(args + ["--videos", str(tmp_path / "nonexistent")]) == 2
+    assert not out.exists()                                 # inputs are checked before anything is written
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"model": "other.safetensors", "frames": 9}))  # no index, no shards
+    assert main(args + ["--videos", str(videos)]) == 0      # settings nobody depends on do not count
+    assert json.loads((out / "run.json").read_text())["frames"] == 5
+    last = capsys.readouterr().err.splitlines()[-1]           # the progress line ends with the real counts
+    assert re.search(r" 5/5 .* videos, 5 clips, [0-9.]+ clips/s$", last), last
+
+
+def test_a_run_that_encodes_nothing_exits_1_and_says_why(videos, tmp_path, capsys):
+    args = ["encode-dataset", "builtin", "--videos", str(videos), "--frames", "17", "--size", "32x32",
+            "--num-workers", "0", "--out", str(tmp_path / "out")]
+    assert main(args) == 1
+    assert "no clip was encoded from the 5 videos given" in capsys.readouterr().err
+    assert main(args) == 1                                  # a resume knows the failures
+
+
+def test_a_training_manifest_with_time_ranges_encodes(videos, tmp_path):
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"path": str(videos / "clip0.mp4"), "start_frame": 4}) + "\n"
+        + json.dumps({"path": str(videos / "clip1.mp4")}) + "\n"
+        + json.dumps({"path": "missing.mp4"}) + "\n")
+    summary = encode_dataset(options(tmp_path / "train.jsonl", tmp_path / "out"))
+    assert summary.encoded == 3 and summary.failed_videos == 1    # 13 frames from frame 4 hold one window
+    clips = {r["clip"]: r for r in index(tmp_path / "out")}
+    ranged = next(r for c, r in clips.items() if c.startswith(f"{videos / 'clip0.mp4'}["))
+    assert ranged["frame_start"] == 4 and ranged["frame_end"] == 9
+    frames, _ = read_video(videos / "clip0.mp4", height=32, width=32)
+    latent = cvvae_core.LatentDataset(tmp_path / "out")[list(sorted(clips)).index(ranged["clip"])][0]
+    model = cvvae_core.load_model("builtin", dtype=torch.float32)
+    torch.testing.assert_close(latent, model.encode(to_model_range(frames[4:9]))[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_missing_truncated_or_replaced_shard_is_named_and_repaired_by_a_rerun(reference, videos, tmp_path):
+    out = tmp_path / "out"
+    encode_dataset(options(videos, out, shard_mb=0.0005))                    # 2 clips per shard
+    shards = sorted(p.name for p in out.glob("shard-*.safetensors"))
+    before = index(out)
+    (out / shards[0]).unlink()                                               # missing
+    (out / shards[1]).write_bytes((out / shards[1]).read_bytes()[:100])      # truncated
+    (out / shards[2]).write_bytes((out / shards[3]).read_bytes())            # replaced by another shard
+    data = cvvae_core.LatentDataset(out)
+    for name, what in ((shards[0], "is missing"), (shards[1], "is truncated"), (shards[2], "was replaced")):
+        i = next(i for i, r in enumerate(data.records) if r["shard"] == name)
+        with pytest.raises(cvvae_core.LatentShardError, match=f"{name} .*{what}.*run the same .*encode-dataset"):
+            data[i]
+    summary = encode_dataset(options(videos, out, shard_mb=0.0005))
+    assert summary.encoded == sum(r["shard"] in shards[:3] for r in before) == 6
+    repaired, expected = clip_content(out), clip_content(reference)
+    assert repaired.keys() == expected.keys()
+    for clip, (latent, meta) in expected.items():
+        torch.testing.assert_close(repaired[clip][0], latent, atol=1e-5, rtol=1e-5)
+        assert repaired[clip][1] == meta
+
+
+def test_clip_shape_comes_from_the_model_and_is_checked_before_writing(videos, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(cvvae_core.InputError, match="--frames must be 1\\+4k"):
+        encode_dataset(options(videos, out, frames=8))
+    with pytest.raises(cvvae_core.InputError, match="--size must be multiples of 8"):
+        encode_dataset(options(videos, out, height=30))
+    assert not out.exists()

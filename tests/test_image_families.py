@@ -194,7 +194,8 @@ def test_cli_inflate_with_family(tmp_path, capsys):
 
 
 def test_training_against_a_flux_vae_records_its_scale_and_shift(tmp_path):
-    from cvvae_core.train.trainer import TrainConfig, train
+    from cvvae_core.train.config import TrainConfig
+    from cvvae_core.train.run import train
 
     path = write(image_vae(16, False, (1, 2)), tmp_path, "diffusers")
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), image_vae=str(path), image_vae_family="flux", steps=1,

@@ -89,3 +89,13 @@ def test_readme_python_api_runs_as_written(installed, tmp_path):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     run_outside(installed, tmp_path, sys.executable, "-c", code)
     assert (tmp_path / "elsewhere" / "out" / "vae3d" / "config.json").is_file()
+
+
+def test_shipped_training_config_trains_from_the_installed_package(installed, tmp_path):
+    """The shipped config as shipped: its image VAE is 'builtin', so it runs from any directory."""
+    config = installed / "cvvae_core" / "train_configs" / "builtin_cvvae.json"
+    command = installed / "bin" / "cvvae"
+    run_outside(installed, tmp_path, sys.executable, str(command), "train", str(config), "--steps", "1",
+                "--out", "run")
+    assert (tmp_path / "elsewhere" / "run" / "checkpoint" / "config.json").is_file()
+    assert not (installed / "cvvae_core" / "train_configs" / "runs").exists()

@@ -16,8 +16,12 @@ from cvvae_core.io.image_vae_file import save_image_vae
 from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig
 from cvvae_core.train.lpips import LPIPS, load_lpips
 from cvvae_core.train.plot import COLOURS, PANEL_H, plot_run
-from cvvae_core.data.clips import DataConfig, Source, Video, VideoClips, build_data, list_sources, probe
-from cvvae_core.train.trainer import LossConfig, TrainConfig, TrainConfigError, Trainer, train
+from cvvae_core.data.clips import DataConfig, RandomClips, Video, build_data, probe
+from cvvae_core.data.manifest import Source, list_sources
+from cvvae_core.errors import TrainConfigError
+from cvvae_core.train.config import LossConfig, TrainConfig
+from cvvae_core.train.run import train
+from cvvae_core.train.trainer import Trainer
 from cvvae_core.io.video import write_video
 
 IMAGE_CFG = dict(base_channels=8, channel_mult=(1, 2, 2, 2), blocks_per_level=1, norm_groups=4, norm_eps=1e-5,
@@ -80,7 +84,7 @@ def test_sources_from_a_folder_and_each_manifest_kind(videos, tmp_path):
 
 
 def test_missing_and_empty_data_are_typed_errors_that_say_what_to_do(tmp_path):
-    with pytest.raises(TrainingDataError, match="does not exist; 'videos' must be a folder"):
+    with pytest.raises(TrainingDataError, match="does not exist; give a folder of videos or a manifest"):
         list_sources(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(TrainingDataError, match="holds no video files"):
@@ -106,7 +110,7 @@ def test_clips_are_keyed_strided_and_cropped(videos):
     assert not torch.equal(other.train[(3, 1)]["video"], a["video"])
     # A video smaller than the crop is upscaled to cover it (the normal case, not an error).
     small = Video(Source(str(videos / "sub" / "b.mp4"), "b"), 24.0, 0, 24, 1, 32, 24)
-    clip = VideoClips([small], 0, 5, 32, 32, None)[(0, 0)]["video"]
+    clip = RandomClips([small], 0, 5, 32, 32, None)[(0, 0)]["video"]
     assert clip.shape == (3, 5, 32, 32)
 
 
@@ -134,13 +138,13 @@ def test_unusable_videos_are_skipped_and_all_unusable_is_an_error(videos, tmp_pa
     # A video whose header promises more frames than it has: the sample is drawn again, the skip kept.
     liar = Video(Source(str(videos / "a.mp4"), "liar"), 24.0, 100, 130, 1, 56, 40)   # frames 100-129 claimed
     good = Video(Source(str(videos / "a.mp4"), "a"), 24.0, 0, 30, 1, 56, 40)
-    ds = VideoClips([liar, good], 0, 5, 16, 16, None)
+    ds = RandomClips([liar, good], 0, 5, 16, 16, None)
     items = [ds[(0, i)] for i in range(8)]
     assert all(it["video"].shape == (3, 5, 16, 16) for it in items)
     skipped = [s for it in items for s in it["skipped"]]
     assert skipped and all(s["path"] == "liar" and "ended early" in s["reason"] for s in skipped)
     with pytest.raises(TrainingDataError, match="16 clips in a row"):
-        VideoClips([liar], 0, 5, 16, 16, None)[(0, 0)]
+        RandomClips([liar], 0, 5, 16, 16, None)[(0, 0)]
 
 
 def test_a_run_on_real_clips_logs_skips_validation_and_curves(videos, image_vae_file, tmp_path, capsys, monkeypatch):
@@ -193,7 +197,7 @@ def test_bad_data_through_the_command_line(image_vae_file, tmp_path, capsys):
                                "width": 16, "steps": 1, "out_dir": str(tmp_path / "run"),
                                "data": {"videos": str(tmp_path / "no_such_folder")}}))
     assert main(["train", str(cfg)]) == 2
-    assert "no_such_folder does not exist; 'videos' must be a folder" in capsys.readouterr().err
+    assert "no_such_folder does not exist; give a folder of videos" in capsys.readouterr().err
 
 
 # The curves PNG ------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ import torch
 import cvvae_core
 from cvvae_core.io.image_vae_file import save_image_vae
 from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig
-from cvvae_core.train.trainer import TrainConfig, Trainer, checkpoint_blocks, train
+from cvvae_core.train.config import TrainConfig
+from cvvae_core.train.run import train
+from cvvae_core.train.trainer import Trainer, checkpoint_blocks
 from test_train_data import make_video
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,11 +1,18 @@
 """Training: the latent-regularization objective, one optimisation step, resuming."""
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import randomize_
 
 from cvvae_core.io.image_vae_file import save_image_vae
 from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig
-from cvvae_core.train.trainer import LossConfig, TrainConfig, TrainConfigError, Trainer, regularization_targets
+from cvvae_core.errors import TrainConfigError
+from cvvae_core.train.config import LossConfig, TrainConfig
+from cvvae_core.train.losses import regularization_targets
+from cvvae_core.train.trainer import Trainer
 
 IMAGE_CFG = dict(base_channels=8, channel_mult=(1, 2, 2, 2), blocks_per_level=1, norm_groups=4, norm_eps=1e-5,
                  quant_conv=False)
@@ -29,13 +36,13 @@ def test_random_targets_follow_the_official_rule():
     g = torch.Generator().manual_seed(0)
     seen = {i: set() for i in range(1, 5)}
     for _ in range(200):
-        frames, idx = regularization_targets(video, "random", g)
+        frames, idx = regularization_targets(video, "random", g, 4)
         assert idx[0] == 0 and torch.equal(frames.flatten(), idx.float())
         for i in range(1, 5):
             assert 4 * i - 3 <= idx[i] <= 4 * i
             seen[i].add(int(idx[i]))
     assert all(len(s) == 4 for s in seen.values())
-    _, idx = regularization_targets(video, "slice", g)
+    _, idx = regularization_targets(video, "slice", g, 4)
     assert idx.tolist() == [0, 4, 8, 12, 16]
 
 
@@ -76,7 +83,7 @@ def test_regularization_term_reaches_the_encoder(image_vae_file, tmp_path):
     trainer.model.zero_grad()
     gen = torch.Generator().manual_seed(1)
     mean, logvar = trainer.model.split_moments(trainer.model.encode_moments(x))
-    target, _ = regularization_targets(x, "random", gen)
+    target, _ = regularization_targets(x, "random", gen, trainer.model.config.time_compression)
     trainer.loss.nll(trainer.loss.pixel_loss(target, trainer.image_vae.decode_video(mean)), trainer.loss.logvar_2d).backward()
     assert trainer.model.encoder.conv_in.weight.grad.abs().sum() > 0
     assert trainer.model.decoder.conv_in.weight.grad is None
@@ -116,3 +123,43 @@ def test_config_errors_say_what_to_do(tmp_path):
     bad.write_text('{"model": "cvvae", "stepz": 3}')
     with pytest.raises(TrainConfigError, match="stepz"):
         TrainConfig.from_json(bad)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr": "3e-4"}, 'lr: expected a number, got "3e-4" (in quotes'),
+    ({"steps": "2"}, 'steps: expected a whole number, got "2"'),
+    ({"batch_size": 2.5}, "batch_size: expected a whole number, got 2.5"),
+    ({"batch_size": 0}, "batch_size: must be >= 1, got 0"),
+    ({"betas": [0.9]}, "betas: expected a list of 2 numbers"),
+    ({"loss": {"rec2d_wieght": 2.0}}, "unknown key loss.rec2d_wieght; valid keys in loss: adversarial_weight, "),
+    ({"loss": {"kl_weight": -1}}, "loss.kl_weight: must be >= 0"),
+    ({"data": {"frame_strid": 2}}, "unknown key data.frame_strid; valid keys in data: "),
+    ({"data": {"workers": "2"}}, 'data.workers: expected a whole number, got "2"'),
+    ({"snapshot_steps": [5, "x"]}, 'snapshot_steps[1]: expected a whole number, got "x"'),
+])
+def test_every_key_at_every_level_is_checked_before_anything_is_written(tmp_path, capsys, values, message):
+    from cvvae_core.cli.main import main
+
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"model": "cvvae", "image_vae": "builtin", "frames": 5, **values}))
+    with pytest.raises(TrainConfigError, match=re.escape(message)):
+        TrainConfig.from_json(config)
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_paths_in_a_config_file_are_relative_to_it_or_builtin(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"model": "cvvae", "image_vae": "vae.safetensors", "frames": 5,
+                                                 "init": "builtin", "data": {"videos": "clips/"},
+                                                 "out_dir": "runs/x"}))
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig.from_json(Path("configs") / "run.json", {"image_vae": None})
+    assert cfg.image_vae == str(folder / "vae.safetensors") and cfg.init == "builtin"
+    assert cfg.data.videos == str(folder / "clips")
+    assert cfg.out_dir == "runs/x"                                    # outputs: the working directory
+    assert TrainConfig.from_json(folder / "run.json", {"image_vae": "mine.safetensors"}).image_vae == "mine.safetensors"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.encode import VIDEO_SUFFIXES
+from ..data.manifest import VIDEO_SUFFIXES
 from ..errors import CheckpointCorruptError, CVVAEError, PickleRefusedError
 
 #: CV-VAE's 8x spatial and 4x temporal compression as the command line states them. The commands

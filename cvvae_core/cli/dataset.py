@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..data.encode import EncodeOptions, encode_dataset, merge, read_jsonl
@@ -61,6 +62,10 @@ def cmd_encode_dataset(args) -> int:
           f"{s.already_done} already in the index")
     if s.failed_videos:
         print(f"{rank}skipped  {s.failed_videos} videos that could not be used (reasons in {args.out}/errors.jsonl)")
+    if s.nothing_usable:
+        print(f"{rank}error: no clip was encoded from the {s.videos} videos given: none of them could be used "
+              f"(reasons in {args.out}/errors.jsonl)", file=sys.stderr)
+        return 1
     return 1 if args.strict and s.failed_videos else 0
 
 

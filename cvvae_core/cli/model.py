@@ -8,17 +8,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from .. import metrics
 from ..devices import DTYPES, resolve_device, resolve_dtype
-from ..distributed import TileGroup, init_distributed
+from ..distributed import TileGroup, join_ranks
 from ..errors import CheckpointError, DistributedRunError, InputError, OutOfMemoryError, VideoFileError
 from ..io.checkpoint import build_model, load_model, read_state_dict
 from ..io.video import check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png, \
     write_video
 from ..progress import TextProgress
-from ..tiling.runner import TilingOptions
+from ..tiling import TilingOptions
 from .args import SIZE_RULE, argument_errors, describe_crop, device_name, frame_count, int_at_least, side, size_hw
 
 CHECKPOINT_HELP = "release folder, its parent, a .safetensors file, or 'builtin'"
@@ -97,24 +96,21 @@ def cmd_reconstruct(args) -> int:
         return _reconstruct(args, rank=0)
     if args.tiling != "seamless":
         raise InputError(f"--distributed shares the seamless engine's tiles; it does not apply to --tiling {args.tiling}")
-    device = resolve_device(args.device)
-    rank, world, own_group = init_distributed(device)
-    if device.type == "cuda" and world > 1 and args.device == "auto":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        args.device = f"cuda:{torch.cuda.current_device()}"
+    ranks = join_ranks(resolve_device(args.device))
+    args.device = str(ranks.device)
     try:
-        code = _reconstruct(args, rank, TileGroup.of(True))
+        code = _reconstruct(args, ranks.rank, TileGroup.of(True))
     except DistributedRunError as e:
-        if not own_group:
+        if not ranks.owns_group:
             raise
         # Every rank got this error. Exit at once: gloo (torch 2.13) can abort with SIGABRT
         # ("terminate called without an active exception") tearing down while a peer exits.
         print(f"error: {e}", file=sys.stderr)
         code = 2
     else:
-        if not own_group:
+        if not ranks.owns_group:
             return code
-        dist.destroy_process_group()
+        ranks.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # see above: no interpreter finalization with gloo's threads around

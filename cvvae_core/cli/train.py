@@ -11,7 +11,8 @@ from ..devices import resolve_device
 from ..errors import CheckpointError, CVVAEError
 from ..spec import IMAGE_FAMILIES
 from ..train.plot import plot_run
-from ..train.trainer import TrainConfig, train
+from ..train.config import TrainConfig
+from ..train.run import train
 from .args import argument_errors, device_name, int_at_least
 
 FAMILY_HELP = ("the image VAE's family, for its latent scale/shift: needed for an SDXL or FLUX.1 VAE file without "
@@ -39,16 +40,9 @@ def register(subparsers) -> None:
 
 
 def cmd_train(args) -> int:
-    cfg = TrainConfig.from_json(args.config)
-    if args.out:
-        cfg.out_dir = args.out
+    cfg = TrainConfig.from_json(args.config, {"out_dir": args.out, "steps": args.steps, "image_vae": args.image_vae,
+                                              "image_vae_family": args.family})
     args.out = cfg.out_dir  # the folder a Ctrl-C message speaks of
-    if args.steps is not None:
-        cfg.steps = args.steps
-    if args.image_vae:
-        cfg.image_vae = args.image_vae
-    if args.family:
-        cfg.image_vae_family = args.family
     device = resolve_device(args.device) if args.device else None
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         with argument_errors("--image-vae" if args.image_vae else "config", args.image_vae or args.config,

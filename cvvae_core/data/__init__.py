@@ -1,2 +1,3 @@
-"""Data: video manifests and clips for training, dataset encoding into latent shards, the latent
-dataset that reads them back, and procedurally generated clips."""
+"""Data: the one manifest grammar (:mod:`.manifest`), training clips (:mod:`.clips`), dataset
+encoding into latent shards (:mod:`.encode`), the dataset that reads them back
+(:mod:`.latent_dataset`), and procedurally generated clips (:mod:`.synthetic`)."""

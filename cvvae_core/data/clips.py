@@ -6,10 +6,8 @@ The ``"data"`` entry of a training config chooses the source::
     {"videos": "DIR or manifest", "frame_stride": 2,        real videos
      "val_split": 0.05, "workers": 4}
 
-``videos`` is a folder (searched recursively for .mp4/.mkv/.mov/.webm/.avi) or a manifest:
-``.txt`` (one path per line, optionally followed by start and end seconds), ``.csv`` (columns
-``path`` and optionally ``start``/``end`` in seconds or ``start_frame``/``end_frame``) or
-``.jsonl`` (one object per line with the same keys). Relative paths are relative to the manifest.
+``videos`` is a folder or a manifest in the grammar of :mod:`cvvae_core.data.manifest` (the one
+encode-dataset reads too).
 
 Every training sample is a *key* ``(step, i)``: global step and position in the step's global
 batch. The clip is a pure function of the run's seed and the key: the video (every clip position
@@ -22,7 +20,8 @@ positions ``(a * W + r) * B .. + B - 1`` (``B`` = batch_size), the layout that m
 
 Frames are taken every ``frame_stride`` source frames (or at ``fps``, a stride per video), scaled
 so that the shorter side covers the crop (upscaling a smaller video is normal; ``resize`` sets the
-shorter side explicitly), then cropped at random to ``height x width``. A video that cannot be read
+shorter side explicitly), then cropped at random to ``height x width``, by the one video reader
+(:func:`cvvae_core.io.video.read_frames`). A video that cannot be read
 (unreadable, corrupt, shorter than one clip) is skipped with its reason, counted and logged; the
 sample is drawn again from the next key attempt, so one bad file never stops a long run. Only when
 no video at all is usable does the run stop, with :class:`~cvvae_core.errors.TrainingDataError`.
@@ -34,20 +33,16 @@ seed), centre crop.
 from __future__ import annotations
 
 import bisect
-import csv
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..errors import InputError, TrainConfigError, TrainingDataError, VideoFileError
+from ..io.video import Crop, probe_video, read_frames, to_model_range
+from .manifest import Source, list_sources
 from .synthetic import SyntheticConfig, generate_clip
-
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
-MANIFEST_SUFFIXES = (".txt", ".csv", ".jsonl")
 #: Draws of one sample before the data source is declared broken (each failure is logged).
 MAX_ATTEMPTS = 16
 
@@ -99,18 +94,7 @@ class DataConfig:
                 "is then scaled to cover the crop, upscaling small videos)")
 
 
-# Sources ---------------------------------------------------------------------------------------
-
-@dataclass
-class Source:
-    """One video (or a part of it) named by the data spec."""
-    path: str
-    name: str                          # as the folder/manifest names it (logs)
-    start: float | None = None         # seconds
-    end: float | None = None
-    start_frame: int | None = None
-    end_frame: int | None = None
-
+# Probed videos --------------------------------------------------------------------------------
 
 @dataclass
 class Video:
@@ -128,119 +112,20 @@ class Video:
         return max(0, self.stop - self.first - (frames - 1) * self.stride)
 
 
-def _number(value, what: str, where: str):
-    if value in (None, ""):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TrainingDataError(f"{where}: {what} must be a number, got {value!r}") from None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def list_sources(spec: str) -> tuple[list[Source], list[dict]]:
-    """(sources, problems): the videos a folder or manifest names, sorted by name; ``problems``
-    are manifest lines that point nowhere (to be logged and skipped)."""
-    root = Path(spec)
-    if root.is_dir():
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
-        if not paths:
-            raise TrainingDataError(f"data: folder {spec} holds no video files ({', '.join(VIDEO_SUFFIXES)}); "
-                                    "put videos in it or point 'videos' at another folder or a manifest")
-        return [Source(str(p), p.relative_to(root).as_posix()) for p in paths], []
-    if not root.is_file():
-        raise TrainingDataError(f"data: {spec} does not exist; 'videos' must be a folder of videos or a manifest "
-                                f"({', '.join(MANIFEST_SUFFIXES)}) listing them")
-    if root.suffix.lower() not in MANIFEST_SUFFIXES:
-        raise TrainingDataError(f"data: {spec} is neither a folder nor a manifest; a manifest ends in "
-                                f"{', '.join(MANIFEST_SUFFIXES)} (for one video, put its folder or a one-line .txt)")
-    rows = []  # (line number, dict)
-    text = root.read_text()
-    if root.suffix.lower() == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip() and not line.lstrip().startswith("#"):
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise TrainingDataError(f"{spec} line {n}: not JSON ({e}); one object per line, "
-                                            'e.g. {"path": "a.mp4", "start": 1.5, "end": 9}') from None
-    elif root.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if "path" not in (reader.fieldnames or []):
-            raise TrainingDataError(f"{spec}: a CSV manifest needs a header with a 'path' column "
-                                    "(optional: start, end, start_frame, end_frame)")
-        rows = [(n, row) for n, row in enumerate(reader, 2)]
-    else:
-        for n, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            head, *times = line.rsplit(maxsplit=2)
-            if len(times) == 2 and all(_is_number(t) for t in times):   # "PATH START END"
-                rows.append((n, {"path": head, "start": times[0], "end": times[1]}))
-            else:                                                       # a path (spaces allowed)
-                rows.append((n, {"path": line}))
-    sources, problems = [], []
-    for n, row in rows:
-        where = f"{spec} line {n}"
-        name = str(row.get("path") or "").strip()
-        if not name:
-            raise TrainingDataError(f"{where}: no path")
-        path = Path(name) if Path(name).is_absolute() else root.parent / name
-        src = Source(str(path), name, _number(row.get("start"), "start", where), _number(row.get("end"), "end", where),
-                     *(None if v is None else int(v) for v in (_number(row.get("start_frame"), "start_frame", where),
-                                                               _number(row.get("end_frame"), "end_frame", where))))
-        if not path.is_file():
-            problems.append({"path": name, "reason": f"{where}: {path} does not exist; fix or remove the line"})
-            continue
-        sources.append(src)
-    if not sources and not problems:
-        raise TrainingDataError(f"data: manifest {spec} lists no videos; add one path per line")
-    return sorted(sources, key=lambda s: (s.name, s.start or 0, s.start_frame or 0)), problems
-
-
 def probe(src: Source, frames: int, cfg: DataConfig) -> Video:
-    """Open ``src`` and read what sampling needs (no decoding); raises InputError when unusable."""
-    import av
-
-    from ..io.video import _open_error
-
-    try:
-        container = av.open(src.path)
-    except (av.error.FFmpegError, OSError) as e:
-        raise _open_error(src.path, e) from None
-    with container:
-        if not container.streams.video:
-            raise VideoFileError(f"{src.path} has no video stream")
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
-        count = stream.frames
-        if not count and stream.duration and stream.time_base:
-            count = int(stream.duration * stream.time_base * fps)
-        if not count and container.duration:
-            count = int(container.duration / 1e6 * fps)
-        if not count:  # no header says it: count the packets (demuxing only)
-            count = sum(1 for p in container.demux(stream) if p.size)
-        width, height = stream.codec_context.width, stream.codec_context.height
+    """What sampling needs to know of ``src`` (no decoding); raises InputError when unusable."""
+    info = probe_video(src.path)
+    fps = info.fps
     first = src.start_frame if src.start_frame is not None else round((src.start or 0) * fps)
-    stop = src.end_frame if src.end_frame is not None else (round(src.end * fps) if src.end is not None else count)
-    stop = min(stop, count)
+    stop = src.end_frame if src.end_frame is not None else (round(src.end * fps) if src.end is not None else info.frames)
+    stop = min(stop, info.frames)
     stride = max(1, round(fps / cfg.fps)) if cfg.fps else cfg.frame_stride
-    video = Video(src, fps, first, stop, stride, width, height)
+    video = Video(src, fps, first, stop, stride, info.width, info.height)
     if video.positions(frames) == 0:
         need = (frames - 1) * stride + 1
         raise InputError(f"{src.path} is too short: {max(0, stop - first)} usable frames, a clip of {frames} frames "
                          f"at stride {stride} needs {need}; use shorter clips ('frames'), a smaller stride/fps, or "
                          "longer videos")
-    if not width or not height:
-        raise VideoFileError(f"{src.path}: the video stream has no frame size; re-encode it")
     return video
 
 
@@ -249,50 +134,12 @@ def read_clip(video: Video, start: int, frames: int, height: int, width: int, rn
     """Frames ``start, start + stride, ...`` (``frames`` of them) of ``video``, scaled so the shorter
     side covers the crop (or is ``resize``), cropped (at random with ``rng``, else centred);
     ``[3, T, height, width]`` in [-1, 1]. Raises VideoFileError when decoding fails or ends early."""
-    import av
-
-    src = video.source.path
-    scale = max(height / video.height, width / video.width)
-    if resize is not None:
-        scale = resize / min(video.height, video.width)
-    rh, rw = max(height, round(video.height * scale)), max(width, round(video.width * scale))
-    top = rng.randint(0, rh - height) if rng else (rh - height) // 2
-    left = rng.randint(0, rw - width) if rng else (rw - width) // 2
-    wanted = set(range(start, start + (frames - 1) * video.stride + 1, video.stride))
-    out: dict[int, torch.Tensor] = {}
-
-    def decode_from(seek_frame: int | None) -> bool:
-        """Decode into ``out``; False when a seek landed after ``start`` (then decode from the top)."""
-        with av.open(src) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-            if seek_frame:
-                container.seek(int((t0 + seek_frame / video.fps) / stream.time_base), stream=stream, backward=True)
-            index = -1
-            for frame in container.decode(stream):
-                index = round((frame.time - t0) * video.fps) if frame.time is not None else index + 1
-                if seek_frame and not out and index > start:
-                    return False
-                if index in wanted:
-                    img = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA").to_ndarray()
-                    out[index] = torch.from_numpy(img[top:top + height, left:left + width])
-                if index >= max(wanted):
-                    break
-        return True
-
-    try:
-        if not decode_from(start) and start:
-            out.clear()
-            decode_from(None)
-    except av.error.FFmpegError as e:
-        raise VideoFileError(f"{src} is truncated or corrupt: decoding failed ({e.strerror}); get the file again "
-                             "or re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)") from None
-    if len(out) < frames:
-        raise VideoFileError(f"{src} ended early: {len(out)} of the {frames} frames from frame {start} decoded "
-                             "(the file is shorter than its header says, or damaged)")
-    clip = torch.stack([out[i] for i in sorted(out)])                 # [T, H, W, 3] uint8
-    return clip.permute(3, 0, 1, 2).float() / 127.5 - 1
+    crop = Crop.cover(video.height, video.width, height, width, rng, resize)
+    clip = read_frames(video.source.path, start, frames, video.stride, crop, video.fps)
+    if len(clip) < frames:
+        raise VideoFileError(f"{video.source.path} ended early: {len(clip)} of the {frames} frames from frame {start} "
+                             "decoded (the file is shorter than its header says, or damaged)")
+    return to_model_range(torch.stack(clip))[0]
 
 
 # Datasets --------------------------------------------------------------------------------------
@@ -313,7 +160,7 @@ class SyntheticClips(torch.utils.data.Dataset):
         return [generate_clip(seed_of(self.seed, "val", k) % 2 ** 31, self.cfg) for k in range(count)]
 
 
-class VideoClips(torch.utils.data.Dataset):
+class RandomClips(torch.utils.data.Dataset):
     """Random clips of probed videos; key ``(step, i)`` (see the module docstring)."""
 
     def __init__(self, videos: list[Video], seed: int, frames: int, height: int, width: int, resize: int | None):
@@ -426,11 +273,11 @@ def build_data(cfg: DataConfig, seed: int, frames: int, height: int, width: int,
         train = SyntheticClips(seed, frames, height, width)
         return TrainData(train, train.val_clips(cfg.val_clips), cfg.workers, "procedural clips")
     cfg.check_crop(height, width)
-    sources, problems = list_sources(cfg.videos)
+    sources, problems = list_sources(cfg.videos, "data 'videos'")
     for p in problems:
         log({"event": "skip", "split": "train", **p})
     if cfg.val is not None:
-        val_sources, val_problems = list_sources(cfg.val)
+        val_sources, val_problems = list_sources(cfg.val, "data 'val'")
         for p in val_problems:
             log({"event": "skip", "split": "val", **p})
     else:
@@ -448,4 +295,4 @@ def build_data(cfg: DataConfig, seed: int, frames: int, height: int, width: int,
     val = fixed_clips(val_videos, cfg.val_clips, frames, height, width, cfg.resize, log) if val_videos else []
     clips = sum(v.positions(frames) for v in videos)
     desc = f"{len(videos)} videos ({clips} clip positions), {len(val)} validation clips from {len(val_videos)} videos"
-    return TrainData(VideoClips(videos, seed, frames, height, width, cfg.resize), val, cfg.workers, desc)
+    return TrainData(RandomClips(videos, seed, frames, height, width, cfg.resize), val, cfg.workers, desc)

@@ -14,6 +14,10 @@ then are its clips' index lines appended (and fsynced). A run killed at any mome
 an unreferenced shard (deleted on the next start) and a torn last index line (cut off on the next
 start); running again with the same arguments skips every clip already indexed.
 
+Inputs: a folder or manifest in the grammar training reads (:mod:`cvvae_core.data.manifest`), time
+ranges included; each video is read by the one video reader (:func:`cvvae_core.io.video.read_frames`).
+A clip's id is ``KEY@FRAME`` (the source's key, the first source frame).
+
 Ranks (torchrun, ``WORLD_SIZE`` > 1) take videos ``i % world_size == rank`` of the sorted input
 list, so the parts are disjoint and the same on every restart.
 """
@@ -30,11 +34,18 @@ from pathlib import Path
 import torch
 
 from ..devices import DTYPES, resolve_device
-from ..distributed import init_distributed  # noqa: F401 - also imported from here
+from ..distributed import Ranks, ranks_of
 from ..errors import DatasetRunMismatchError, InjectedFaultError, InputError
-from ..io.video import read_video
+from ..io.checkpoint import build_model, read_state_dict
+from ..io.files import write_safetensors
+from ..io.video import Crop, probe_video, read_frames, to_model_range
+from ..model.cvvae import CVVAE, sample_posterior
+from ..progress import TextProgress
+from ..spec import CVVAEConfig
+from ..tiling.runner import TilingOptions
+from .latent_dataset import shard_problem
+from .manifest import Source, list_sources
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 OUTPUT_MODES = ("mean", "sample", "mean+logvar")
 #: Set to N to make the run fail after encoding N clips (before they are all durable): resume tests.
 FAULT_ENV = "CVVAE_FAULT_AFTER_CLIPS"
@@ -46,7 +57,7 @@ RUN_KEYS = ("model", "model_sha256", "frames", "height", "width", "frame_stride"
 @dataclass
 class EncodeOptions:
     model: str                      # checkpoint path or "builtin"
-    videos: str                     # a folder (searched recursively) or a manifest: one path per line
+    videos: str                     # a folder or manifest (cvvae_core.data.manifest)
     out: str
     frames: int = 17                # frames per clip, 1+4k
     height: int = 256
@@ -64,10 +75,6 @@ class EncodeOptions:
     fault_after_clips: int | None = field(default=None, repr=False)  # None: from $CVVAE_FAULT_AFTER_CLIPS
 
     def __post_init__(self):
-        if self.frames < 1 or (self.frames - 1) % 4:
-            raise InputError(f"--frames must be 1+4k (1, 5, 9, 13, 17, ...), got {self.frames}")
-        if self.height % 8 or self.width % 8 or self.height < 8 or self.width < 8:
-            raise InputError(f"--size must be multiples of 8 (e.g. 256x256), got {self.height}x{self.width}")
         if self.output not in OUTPUT_MODES:
             raise InputError(f"--output must be one of {', '.join(OUTPUT_MODES)}, got {self.output!r}")
         if self.windows not in ("first", "all") and not (self.windows.isdigit() and int(self.windows) >= 1):
@@ -81,6 +88,7 @@ class RunSummary:
     encoded: int = 0            # clips encoded and made durable by this run (this rank)
     already_done: int = 0       # clips found in the index and skipped
     failed_videos: int = 0      # videos of this rank in the errors file (this run's and earlier ones)
+    videos: int = 0             # the inputs this rank was given
     seconds: float = 0.0
     rank: int = 0
     world_size: int = 1
@@ -89,21 +97,26 @@ class RunSummary:
     def clips_per_second(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def nothing_usable(self) -> bool:
+        """This rank had inputs and none of them gave a clip, in this run or before: a failed run."""
+        return self.videos > 0 and self.encoded + self.already_done == 0
+
 
 # Inputs ------------------------------------------------------------------------------------
-def list_videos(videos: str) -> list[tuple[str, str]]:
-    """Sorted ``(name, path)`` pairs: ``name`` (relative to the folder or as the manifest gives it)
-    identifies the video in the index, so a moved output folder still resumes."""
-    root = Path(videos)
-    if root.is_dir():
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
-        return [(p.relative_to(root).as_posix(), str(p)) for p in paths]
-    if root.is_file():
-        names = [line.strip() for line in root.read_text().splitlines()]
-        names = sorted({n for n in names if n and not n.startswith("#")})
-        return [(n, str(root.parent / n)) for n in names]  # relative entries are relative to the manifest
-    raise InputError(f"--videos {videos}: no such folder or manifest file; give a folder of videos or a text file "
-                     "with one video path per line")
+@dataclass(frozen=True)
+class Input:
+    """One video to encode (``source``), or a manifest line that names no file (``problem``)."""
+    key: str                        # names the video in the index and in clip ids
+    source: Source | None = None
+    problem: str | None = None
+
+
+def list_inputs(videos: str) -> list[Input]:
+    """Every input of a folder or manifest, sorted by key: the order ranks split (the same on every restart)."""
+    sources, problems = list_sources(videos, "--videos")
+    inputs = [Input(s.key, s) for s in sources] + [Input(p["path"], problem=p["reason"]) for p in problems]
+    return sorted(inputs, key=lambda i: i.key)
 
 
 def window_starts(available: int, frames: int, windows: str) -> list[int]:
@@ -121,38 +134,54 @@ def window_starts(available: int, frames: int, windows: str) -> list[int]:
     return sorted({round(i * last / (count - 1)) for i in range(count)})
 
 
-class VideoClips(torch.utils.data.Dataset):
-    """One item per video: its clips still to encode (decoded in DataLoader workers), or the error
-    that made it unusable. ``done`` holds the clip ids already in the index."""
+def read_windows(source: Source, opts: EncodeOptions) -> tuple[list[int], torch.Tensor, int, float]:
+    """(window starts, strided frames [T, H, W, 3] uint8, first source frame, source fps) of ``source``:
+    frames every ``frame_stride`` from its start to its end, scaled to cover the size, centre-cropped."""
+    info = probe_video(source.path)
+    first = source.start_frame if source.start_frame is not None else round((source.start or 0) * info.fps)
+    stop = source.end_frame if source.end_frame is not None else (
+        round(source.end * info.fps) if source.end is not None else None)
+    count = None if stop is None else max(0, -(-(stop - first) // opts.frame_stride))
+    if opts.windows == "first":
+        count = opts.frames if count is None else min(count, opts.frames)  # only the first window: stop early
+    crop = Crop.cover(info.height, info.width, opts.height, opts.width)
+    frames = read_frames(source.path, first, count, opts.frame_stride, crop, info.fps)
+    starts = window_starts(len(frames), opts.frames, opts.windows)
+    if not starts:
+        span = (opts.frames - 1) * opts.frame_stride + 1
+        raise InputError(f"{source.path} is too short: it has {len(frames)} frames at stride {opts.frame_stride}; "
+                         f"a clip of {opts.frames} frames needs {span} source frames")
+    return starts, torch.stack(frames), first, info.fps
 
-    def __init__(self, videos: list[tuple[str, str]], opts: EncodeOptions, done: set[str]):
-        self.videos, self.opts, self.done = videos, opts, done
+
+class VideoWindows(torch.utils.data.Dataset):
+    """One item per input video: its clip windows still to encode (decoded in DataLoader workers),
+    or the error that made it unusable. ``done`` holds the clip ids already in the index."""
+
+    def __init__(self, inputs: list[Input], opts: EncodeOptions, done: set[str]):
+        self.inputs, self.opts, self.done = inputs, opts, done
 
     def __len__(self):
-        return len(self.videos)
+        return len(self.inputs)
 
     def __getitem__(self, i: int) -> dict:
-        name, path = self.videos[i]
-        o = self.opts
+        item, o = self.inputs[i], self.opts
+        if item.problem:
+            return {"name": item.key, "error": "VideoNotFoundError", "reason": item.problem, "clips": []}
         try:
-            max_frames = o.frames if o.windows == "first" else None  # only the first window: stop early
-            strided, fps = read_video(path, max_frames, o.height, o.width, stride=o.frame_stride)
-            starts = window_starts(len(strided), o.frames, o.windows)
-            if not starts:
-                span = (o.frames - 1) * o.frame_stride + 1
-                raise InputError(f"{path} is too short: it has {len(strided)} frames at stride {o.frame_stride}; "
-                                 f"a clip of {o.frames} frames needs {span} source frames")
+            starts, strided, first, fps = read_windows(item.source, o)
         except InputError as e:  # VideoFileError included: the video is reported and skipped
-            return {"name": name, "error": type(e).__name__, "reason": str(e), "clips": []}
+            return {"name": item.key, "error": type(e).__name__, "reason": str(e), "clips": []}
         clips = []
         for s in starts:
-            clip_id = f"{name}@{s * o.frame_stride}"
+            frame = first + s * o.frame_stride
+            clip_id = f"{item.key}@{frame}"
             if clip_id not in self.done:
-                clips.append({"clip": clip_id, "source": name, "frame_start": s * o.frame_stride,
-                              "frame_end": (s + o.frames - 1) * o.frame_stride + 1, "frame_stride": o.frame_stride,
+                clips.append({"clip": clip_id, "source": item.key, "frame_start": frame,
+                              "frame_end": frame + (o.frames - 1) * o.frame_stride + 1, "frame_stride": o.frame_stride,
                               "fps": fps / o.frame_stride, "source_fps": fps, "video_windows": len(starts),
                               "pixels": strided[s:s + o.frames]})
-        return {"name": name, "error": None, "clips": clips}
+        return {"name": item.key, "error": None, "clips": clips}
 
 
 def _one_video(item: dict) -> dict:
@@ -210,8 +239,6 @@ def cut_torn_line(path: Path):
 
 def write_shard(path: Path, tensors: dict, metadata: dict):
     """Write a safetensors shard under a temporary name, fsync it and rename it into place."""
-    from ..io.checkpoint import write_safetensors
-
     tmp = path.with_name(f".{path.name}.tmp")
     write_safetensors(tensors, tmp, metadata)
     with open(tmp, "rb") as f:
@@ -255,11 +282,16 @@ def weights_sha256(sd: dict) -> str:
     return h.hexdigest()
 
 
+def holds_latents(out: Path) -> bool:
+    """Whether ``out`` has any index line or shard: latents that later runs must match."""
+    return any(out.glob("shard-r*.safetensors")) or any(read_jsonl(p) for p in out.glob("index*.jsonl"))
+
+
 def check_run_settings(out: Path, settings: dict):
     """Refuse to mix latents of different settings in one folder, saying which differ."""
     path = out / "run.json"
-    if not path.exists():
-        return
+    if not path.exists() or not holds_latents(out):
+        return  # a run that stopped before encoding anything leaves settings nobody depends on
     previous = json.loads(path.read_text())
     differ = [f"{k}: {previous.get(k)!r} there, {settings[k]!r} now" for k in RUN_KEYS if previous.get(k) != settings[k]]
     if differ:
@@ -267,14 +299,7 @@ def check_run_settings(out: Path, settings: dict):
                                       "run with the same arguments to resume, or give a new --out")
 
 
-# Distributed -----------------------------------------------------------------------------
-def _barrier(world: int):
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
+# Clips -----------------------------------------------------------------------------------
 def _clip_generator(clip_id: str) -> torch.Generator:
     """The noise of ``--output sample`` depends on the clip alone: a resumed or multi-rank run
     draws the same samples as one uninterrupted run."""
@@ -306,12 +331,33 @@ class _ShardWriter:
         if not self.records:
             return 0
         name = f"shard-r{self.rank:03d}-{self.next_number:06d}.safetensors"
-        write_shard(self.out / name, self.tensors, {"format": "cvvae_core latents", "clips": str(len(self.records))})
+        write_shard(self.out / name, self.tensors, {"format": "cvvae_core latents", "clips": str(len(self.records)),
+                                                    "shard": name})
         append_lines(self.index, [{**r, "shard": name} for r in self.records])  # only now: the shard is durable
         count = len(self.records)
         self.next_number += 1
         self.tensors, self.records, self.bytes = {}, [], 0
         return count
+
+
+def _drop_lost_shards(out: Path, ranks: Ranks):
+    """Index lines whose shard is missing, truncated or replaced are dropped (and a damaged shard
+    deleted), so this run encodes those clips again. Each rank repairs the index files
+    ``index.rank<k>`` with ``k % world == rank`` (those of an earlier run on more ranks too)."""
+    for part in sorted(out.glob("index.rank*.jsonl")):
+        k = int(re.fullmatch(r"index\.rank(\d+)\.jsonl", part.name).group(1))
+        if k % ranks.world != ranks.rank:
+            continue
+        records = read_jsonl(part)
+        by_shard: dict[str, list[dict]] = {}
+        for r in records:
+            by_shard.setdefault(r["shard"], []).append(r)
+        lost = {name for name, rs in by_shard.items() if shard_problem(out, name, rs)}
+        if lost:
+            kept = [r for r in records if r["shard"] not in lost]
+            write_atomic_text(part, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            for name in lost:
+                (out / name).unlink(missing_ok=True)
 
 
 def _remove_unreferenced_shards(out: Path, rank: int):
@@ -325,116 +371,154 @@ def _remove_unreferenced_shards(out: Path, rank: int):
         p.unlink()
 
 
-def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
-    """Encode ``opts.videos`` into ``opts.out`` (see the module docstring); resumes what is there."""
-    from ..io.checkpoint import build_model, read_state_dict
-    from ..model.cvvae import sample_posterior
-    from ..progress import TextProgress
-    from ..tiling.runner import TilingOptions, encode_moments
+class _BatchEncoder:
+    """Encodes queued clips ``batch_size`` at a time and hands each latent to the shard writer."""
 
+    def __init__(self, model: CVVAE, opts: EncodeOptions, device: torch.device, writer: _ShardWriter,
+                 fault_after: int | None):
+        self.model, self.opts, self.device, self.writer, self.fault_after = model, opts, device, writer, fault_after
+        self.tiling = None if opts.tiling == "none" else TilingOptions(mode=opts.tiling, output_device=device)
+        self.pending: list[dict] = []
+        self.encoded = 0                # clips encoded by this run
+        self.durable = 0                # ... and written with their index lines
+
+    def add(self, clip: dict):
+        self.pending.append(clip)
+        if len(self.pending) == self.opts.batch_size:
+            self._encode()
+
+    def finish(self):
+        if self.pending:
+            self._encode()
+        self.durable += self.writer.flush()
+
+    @torch.no_grad()
+    def _encode(self):
+        video = to_model_range(torch.stack([c.pop("pixels") for c in self.pending])).to(self.device)
+        moments = self.model.encode_moments(video) if self.tiling is None else \
+            self.tiling.encode_moments(self.model, video)
+        mean, logvar = self.model.split_moments(moments.float())
+        for i, record in enumerate(self.pending):
+            self.durable += self.writer.add(record, self._latent(record["clip"], mean[i], logvar[i]).cpu())
+            self.encoded += 1
+            if self.fault_after is not None and self.encoded >= self.fault_after:
+                raise InjectedFaultError(f"fault injected after {self.encoded} clips (${FAULT_ENV} / "
+                                         "fault_after_clips); run again to resume")
+        self.pending.clear()
+
+    def _latent(self, clip_id: str, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        if self.opts.output == "mean":
+            return mean
+        if self.opts.output == "sample":
+            return sample_posterior(mean.cpu(), logvar.cpu(), _clip_generator(clip_id))
+        return torch.cat([mean, logvar])
+
+
+def _load(opts: EncodeOptions, device: torch.device) -> tuple[CVVAE, dict]:
+    """The model and the run settings that decide its latents."""
+    sd, hints = read_state_dict(opts.model)
+    settings = {"model": "builtin" if opts.model == "builtin" else Path(opts.model).name,
+                "model_sha256": weights_sha256(sd), "frames": opts.frames, "height": opts.height,
+                "width": opts.width, "frame_stride": opts.frame_stride, "windows": opts.windows,
+                "output": opts.output, "dtype": opts.dtype, "tiling": opts.tiling}
+    model = build_model(sd, hints, source=settings["model"], device=device, dtype=DTYPES[opts.dtype])
+    check_clip_shape(opts, model.config)
+    return model, settings
+
+
+def check_clip_shape(opts: EncodeOptions, cfg: CVVAEConfig):
+    """Clips the model encodes exactly: 1 + (time compression) * k frames, sizes multiples of the
+    spatial compression (1+4k and 8 for the released models)."""
+    tc, sc = cfg.time_compression, cfg.spatial_compression
+    if opts.frames < 1 or (opts.frames - 1) % tc:
+        counts = ", ".join(str(1 + tc * k) for k in range(5))
+        raise InputError(f"--frames must be 1+{tc}k ({counts}, ...) for this model, got {opts.frames}")
+    if opts.height % sc or opts.width % sc or min(opts.height, opts.width) < sc:
+        raise InputError(f"--size must be multiples of {sc} (e.g. {32 * sc}x{32 * sc}) for this model, "
+                         f"got {opts.height}x{opts.width}")
+
+
+def _start_folder(out: Path, opts: EncodeOptions, settings: dict, ranks: Ranks):
+    """Create ``out`` and its run.json (rank 0), then each rank repairs what a crash left of its own
+    files. Called once the inputs, the model and the settings are known to be good."""
+    out.mkdir(parents=True, exist_ok=True)
+    if ranks.rank == 0 and not holds_latents(out):
+        options = {k: v for k, v in asdict(opts).items() if k != "fault_after_clips"}
+        write_atomic_text(out / "run.json", json.dumps({**settings, "started": time.time(), "options": options},
+                                                       indent=2))
+    cut_torn_line(out / f"index.rank{ranks.rank}.jsonl")
+    cut_torn_line(out / f"errors.rank{ranks.rank}.jsonl")
+    ranks.barrier()  # every torn line is cut before any rank reads another's index
+    _drop_lost_shards(out, ranks)
+    ranks.barrier()
+    _remove_unreferenced_shards(out, ranks.rank)
+    ranks.barrier()  # no rank reads the index files while another still cuts or cleans its own
+
+
+def _plan(out: Path, inputs: list[Input], ranks: Ranks) -> tuple[list[Input], set[str], RunSummary]:
+    """(this rank's inputs still to decode, the clip ids already indexed, the summary so far).
+    Videos complete in the index, or reported bad before (delete errors.rank*.jsonl to retry them),
+    are not decoded again; failures of an earlier run count too (--strict judges the whole output)."""
+    indexed = [r for part in out.glob("index.rank*.jsonl") for r in read_jsonl(part)]
+    failed = {r["source"] for part in out.glob("errors.rank*.jsonl") for r in read_jsonl(part)}
+    done_per_video: dict[str, int] = {}
+    for r in indexed:
+        done_per_video[r["source"]] = done_per_video.get(r["source"], 0) + 1
+    complete = {r["source"] for r in indexed if done_per_video[r["source"]] >= r["video_windows"]}
+    mine = inputs[ranks.rank::ranks.world]  # disjoint, and the same on every restart
+    summary = RunSummary(already_done=sum(done_per_video.get(i.key, 0) for i in mine),
+                         failed_videos=sum(i.key in failed for i in mine), videos=len(mine),
+                         rank=ranks.rank, world_size=ranks.world)
+    todo = [i for i in mine if i.key not in failed and i.key not in complete]
+    return todo, {r["clip"] for r in indexed}, summary
+
+
+def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
+    """Encode ``opts.videos`` into ``opts.out`` (see the module docstring); resumes what is there.
+    Nothing is written before the inputs, the model and the settings are checked. The summary is
+    this rank's; :attr:`RunSummary.nothing_usable` marks a run in which no input gave a clip."""
     out = Path(opts.out)
     fault_after = opts.fault_after_clips
     if fault_after is None and os.environ.get(FAULT_ENV):
         fault_after = int(os.environ[FAULT_ENV])
-    device = resolve_device(opts.device)
-    rank, world, own_group = init_distributed(device)
-    if device.type == "cuda" and world > 1 and opts.device == "auto":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    try:
-        sd, hints = read_state_dict(opts.model)
-        settings = {"model": "builtin" if opts.model == "builtin" else Path(opts.model).name,
-                    "model_sha256": weights_sha256(sd), "frames": opts.frames, "height": opts.height,
-                    "width": opts.width, "frame_stride": opts.frame_stride, "windows": opts.windows,
-                    "output": opts.output, "dtype": opts.dtype, "tiling": opts.tiling}
-        model = build_model(sd, hints, source=settings["model"], device=device, dtype=DTYPES[opts.dtype])
-        del sd
+    inputs = list_inputs(opts.videos)
+    with ranks_of(resolve_device(opts.device)) as ranks:
+        model, settings = _load(opts, ranks.device)
         check_run_settings(out, settings)  # every rank checks before anyone writes
-        _barrier(world)
-        out.mkdir(parents=True, exist_ok=True)
-        if rank == 0 and not (out / "run.json").exists():
-            write_atomic_text(out / "run.json", json.dumps({**settings, "started": time.time(),
-                                                             "options": {k: v for k, v in asdict(opts).items()
-                                                                         if k != "fault_after_clips"}}, indent=2))
+        ranks.barrier()
+        _start_folder(out, opts, settings, ranks)
+        todo, done, summary = _plan(out, inputs, ranks)
         common = {"model": settings["model"], "model_sha256": settings["model_sha256"],
                   "size": [opts.height, opts.width], "frames": opts.frames, "output": opts.output,
                   "scaling_factor": model.scaling_factor, "shift_factor": model.shift_factor}
-
-        cut_torn_line(out / f"index.rank{rank}.jsonl")
-        cut_torn_line(out / f"errors.rank{rank}.jsonl")
-        _remove_unreferenced_shards(out, rank)
-        _barrier(world)  # no rank reads the index files while another still cuts or cleans its own
-        indexed = [r for part in out.glob("index.rank*.jsonl") for r in read_jsonl(part)]
-        done = {r["clip"] for r in indexed}
-        failed = {r["source"] for part in out.glob("errors.rank*.jsonl") for r in read_jsonl(part)}
-        done_per_video: dict[str, int] = {}
-        for r in indexed:
-            done_per_video[r["source"]] = done_per_video.get(r["source"], 0) + 1
-        complete = {r["source"] for r in indexed if done_per_video[r["source"]] >= r["video_windows"]}
-        mine = list_videos(opts.videos)[rank::world]  # disjoint, and the same on every restart
-        # Failures recorded by an earlier run count too: --strict judges the whole output.
-        summary = RunSummary(already_done=sum(done_per_video.get(n, 0) for n, _ in mine),
-                             failed_videos=sum(n in failed for n, _ in mine), rank=rank, world_size=world)
-        # Videos complete in the index, or reported bad before (delete errors.rank*.jsonl to retry
-        # them), are not decoded again.
-        todo = [(n, p) for n, p in mine
-                if n not in failed and n not in complete]
-
-        loader = torch.utils.data.DataLoader(VideoClips(todo, opts, done), batch_size=None, shuffle=False,
+        encoder = _BatchEncoder(model, opts, ranks.device, _ShardWriter(out, ranks.rank, opts.shard_mb * 2**20, common),
+                                fault_after)
+        loader = torch.utils.data.DataLoader(VideoWindows(todo, opts, done), batch_size=None, shuffle=False,
                                              num_workers=opts.num_workers, collate_fn=_one_video,
                                              prefetch_factor=2 if opts.num_workers else None)
-        writer = _ShardWriter(out, rank, opts.shard_mb * 2**20, common)
-        tiling = None if opts.tiling == "none" else TilingOptions(mode=opts.tiling, output_device=device)
-        bar = TextProgress(f"rank {rank}" if world > 1 else "encode", stream=progress_stream)
+        bar = TextProgress(f"rank {ranks.rank}" if ranks.world > 1 else "encode", stream=progress_stream)
         start = time.monotonic()
-        pending: list[dict] = []
-        encoded = 0
 
-        def encode_pending():
-            nonlocal encoded
-            video = torch.stack([c.pop("pixels") for c in pending]).permute(0, 4, 1, 2, 3)
-            video = (video.to(device).float() / 127.5 - 1)  # the model's [-1, 1] range
-            with torch.no_grad():
-                moments = model.encode_moments(video) if tiling is None else encode_moments(model, video, tiling)
-                mean, logvar = model.split_moments(moments.float())
-            for i, record in enumerate(pending):
-                if opts.output == "mean":
-                    latent = mean[i]
-                elif opts.output == "sample":
-                    latent = sample_posterior(mean[i].cpu(), logvar[i].cpu(), _clip_generator(record["clip"]))
-                else:
-                    latent = torch.cat([mean[i], logvar[i]])
-                summary.encoded += writer.add(record, latent.cpu())
-                encoded += 1
-                if fault_after is not None and encoded >= fault_after:
-                    raise InjectedFaultError(f"fault injected after {encoded} clips (${FAULT_ENV} / "
-                                             "fault_after_clips); run again to resume")
-            pending.clear()
+        def report(n: int, eta: str):
+            elapsed = time.monotonic() - start
+            rate = encoder.encoded / elapsed if elapsed > 0 else 0.0
+            bar(n, len(todo), f"videos, {encoder.encoded} clips, {rate:.2f} clips/s{eta}")
 
         for n, item in enumerate(loader, 1):
             if item["error"]:
-                append_lines(out / f"errors.rank{rank}.jsonl",
+                append_lines(out / f"errors.rank{ranks.rank}.jsonl",
                              [{"source": item["name"], "error": item["error"], "reason": item["reason"]}])
                 summary.failed_videos += 1
             for clip in item["clips"]:
-                pending.append(clip)
-                if len(pending) == opts.batch_size:
-                    encode_pending()
-            elapsed = time.monotonic() - start
-            rate = encoded / elapsed if elapsed > 0 else 0.0
-            eta = elapsed / n * (len(todo) - n)
-            bar(n, len(todo), f"videos, {encoded} clips, {rate:.2f} clips/s, ETA {eta:.0f}s")
-        if pending:
-            encode_pending()
-        summary.encoded += writer.flush()
+                encoder.add(clip)
+            report(n, f", ETA {(time.monotonic() - start) / n * (len(todo) - n):.0f}s")
+        encoder.finish()
+        report(len(todo), "")  # the final counts, the last batch included
         bar.close()
+        summary.encoded = encoder.durable
         summary.seconds = time.monotonic() - start
-        _barrier(world)  # every rank's index is complete before the merge reads it
-        if rank == 0:
+        ranks.barrier()  # every rank's index is complete before the merge reads it
+        if ranks.rank == 0:
             merge(out)
-        _barrier(world)
+        ranks.barrier()
         return summary
-    finally:
-        if own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()

@@ -1,1 +1,4 @@
-"""Files: checkpoints in the official layouts, image VAE files, the built-in weights, and video files."""
+"""Files: weight files (:mod:`.files`), the diffusers <-> LDM name table (:mod:`.keymap`), the
+architecture read from shapes (:mod:`.architecture`), CV-VAE checkpoints in the official layouts
+(:mod:`.checkpoint`), image VAE files (:mod:`.image_vae_file`), the built-in weights
+(:mod:`.builtin`) and the one video reader (:mod:`.video`)."""

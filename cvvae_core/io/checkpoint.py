@@ -7,109 +7,45 @@ file with the official key names, optionally under a common prefix (``first_stag
 names. Pickle files (``.ckpt/.pt/.pth/.bin``) are refused unless ``allow_pickle=True``, and then
 read with ``torch.load(weights_only=True)``.
 
-Internally modules carry the SD variant's names; SD3 keys are translated on load and save.
+Internally modules carry the SD variant's names; SD3 keys are translated on load and save
+(:mod:`cvvae_core.io.keymap`); files are read by :mod:`cvvae_core.io.files`.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..devices import default_dtype
-from ..spec import CVVAEConfig
-from ..errors import (CheckpointCorruptError, CheckpointKeyError, CheckpointNotFoundError, ForeignCheckpointError,
-                     PickleRefusedError)
+from ..errors import CheckpointCorruptError, CheckpointKeyError, CheckpointNotFoundError, ForeignCheckpointError
 from ..model.cvvae import CVVAE
+from ..spec import PRESETS, CVVAEConfig, channel_words
+from . import keymap
+from .architecture import architecture
 from .builtin import builtin_path, is_builtin
+from .files import SAFETENSORS_SUFFIXES, read_weights, write_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-RELEASE_SUBFOLDERS = ("vae3d", "vae3d_v1-1", "vae3d_sd3")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+RELEASE_SUBFOLDERS = tuple(PRESETS)
 ANCHOR = "encoder.conv_in.weight"
 OFFICIAL_CLASS = {"sd": "CVVAEModel", "sd3": "CVVAESD3Model"}
 
 
-# Key translation (SD3 official names <-> internal names) ------------------------------------
-def _sd3_to_internal_name(key: str, num_levels: int) -> str:
-    def up_level(m):
-        return f"decoder.up.{num_levels - 1 - int(m.group(1))}."
-
-    rules = [
-        (r"^decoder\.up_blocks\.(\d+)\.", up_level),
-        (r"^encoder\.down_blocks\.(\d+)\.", lambda m: f"encoder.down.{m.group(1)}."),
-        (r"\.resnets\.(\d+)\.", lambda m: f".block.{m.group(1)}."),
-        (r"\.downsamplers\.0\.", lambda m: ".downsample."),
-        (r"\.upsamplers\.0\.", lambda m: ".upsample."),
-        (r"\.mid_block\.block\.0\.", lambda m: ".mid.block_1."),
-        (r"\.mid_block\.block\.1\.", lambda m: ".mid.block_2."),
-        (r"\.mid_block\.attentions\.0\.", lambda m: ".mid.attn_1."),
-        (r"\.attn_1\.group_norm\.", lambda m: ".attn_1.norm."),
-        (r"\.attn_1\.to_([qkv])\.", lambda m: f".attn_1.{m.group(1)}."),
-        (r"\.attn_1\.to_out\.0\.", lambda m: ".attn_1.proj_out."),
-        (r"\.conv_shortcut\.", lambda m: ".nin_shortcut."),
-        (r"\.conv_norm_out\.", lambda m: ".norm_out."),
-    ]
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def _internal_to_sd3_name(key: str, num_levels: int) -> str:
-    rules = [
-        (r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}."),
-        (r"^encoder\.down\.(\d+)\.", lambda m: f"encoder.down_blocks.{m.group(1)}."),
-        (r"\.block\.(\d+)\.", lambda m: f".resnets.{m.group(1)}."),
-        (r"\.downsample\.", lambda m: ".downsamplers.0."),
-        (r"\.upsample\.", lambda m: ".upsamplers.0."),
-        (r"\.mid\.block_1\.", lambda m: ".mid_block.resnets.0."),
-        (r"\.mid\.block_2\.", lambda m: ".mid_block.resnets.1."),
-        (r"\.mid\.attn_1\.norm\.", lambda m: ".mid_block.attentions.0.group_norm."),
-        (r"\.mid\.attn_1\.([qkv])\.", lambda m: f".mid_block.attentions.0.to_{m.group(1)}."),
-        (r"\.mid\.attn_1\.proj_out\.", lambda m: ".mid_block.attentions.0.to_out.0."),
-        (r"\.nin_shortcut\.", lambda m: ".conv_shortcut."),
-        (r"^(encoder|decoder)\.norm_out\.", lambda m: f"{m.group(1)}.conv_norm_out."),
-    ]
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def _is_attn_projection(internal_key: str) -> bool:
-    return bool(re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", internal_key))
-
-
 def to_internal(sd: dict, cfg: CVVAEConfig) -> dict:
     """Official state dict of ``cfg.variant`` -> state dict of :class:`CVVAE` (same tensors)."""
-    if cfg.variant == "sd":
-        return dict(sd)
-    out = {}
-    for key, t in sd.items():
-        name = _sd3_to_internal_name(key, cfg.num_levels)
-        # SD3 stores attention projections as Linear [C, C] and shortcuts as 2-D 1x1 convs.
-        if _is_attn_projection(name) and t.dim() == 2:
-            t = t[:, :, None, None]
-        elif name.endswith("nin_shortcut.weight") and t.dim() == 4:
-            t = t[..., None]
-        out[name] = t
-    return out
+    return dict(sd) if cfg.variant == "sd" else keymap.to_ldm(sd, video=True)
 
 
 def to_official(sd: dict, cfg: CVVAEConfig) -> dict:
     """State dict of :class:`CVVAE` -> the official layout of ``cfg.variant``."""
-    if cfg.variant == "sd":
-        return dict(sd)
-    out = {}
-    for name, t in sd.items():
-        if _is_attn_projection(name):
-            t = t.flatten(1)
-        elif name.endswith("nin_shortcut.weight"):
-            t = t[..., 0]
-        out[_internal_to_sd3_name(name, cfg.num_levels)] = t
-    return out
+    return dict(sd) if cfg.variant == "sd" else keymap.to_diffusers(sd, video=True)
+
+
+def official_name(key: str, cfg: CVVAEConfig) -> str:
+    return key if cfg.variant == "sd" else keymap.diffusers_name(key, cfg.num_levels)
 
 
 # Recognising what a state dict holds ------------------------------------------------------
@@ -140,44 +76,51 @@ def detect_config(shapes: dict[str, tuple], hints: dict | None = None) -> CVVAEC
     """Infer the architecture from official key names and shapes (prefix already removed).
 
     ``hints`` may carry what shapes cannot tell (``norm_groups``, scaling factors), from a
-    ``config.json`` or the file's metadata."""
+    ``config.json`` or the file's metadata. Without them, the released models' 32 groups are
+    assumed, or, where 32 does not divide the channels, the configuration of the shipped model of
+    the same shapes (the built-in one, re-saved without its metadata)."""
     hints = hints or {}
     conv_in = shapes.get(ANCHOR)
     if conv_in is None:
         raise ForeignCheckpointError(f"This file is {describe_foreign(shapes)}.")
     if len(conv_in) == 4:
         z = shapes.get("decoder.conv_in.weight", (0, 0))[1]
-        family = {4: "SD1.x/2.x/SDXL", 16: "SD3/Flux"}.get(z, "2-D")
+        family = channel_words(z) or "2-D"
         raise ForeignCheckpointError(
             f"This is a {family} image VAE (2-D convolutions, {z} latent channels), not CV-VAE. Load it with "
             "ComfyUI's 'Load VAE', or build a CV-VAE from it with `python -m cvvae_core inflate IMAGE_VAE OUT`.")
-    if "encoder.down.0.block.0.conv1.weight" in shapes:
-        variant, level_key = "sd", "encoder.down.{}.block.{}.conv1.weight"
-    elif "encoder.down_blocks.0.resnets.0.conv1.weight" in shapes:
-        variant, level_key = "sd3", "encoder.down_blocks.{}.resnets.{}.conv1.weight"
-    else:
+    variant = "sd3" if keymap.is_diffusers_layout(shapes) else "sd"
+    if variant == "sd" and "encoder.down.0.block.0.conv1.weight" not in shapes:
         raise ForeignCheckpointError(
             "This is a 3-D video VAE of another family (its encoder has no down.*.block.* or "
             "down_blocks.*.resnets.* layers), not CV-VAE.")
-    if len(shapes.get("encoder.down.0.block.0.conv1.weight", shapes.get(
-            "encoder.down_blocks.0.resnets.0.conv1.weight"))) != 5:
+    levels = keymap.levels_of(shapes)
+    shapes = {keymap.ldm_name(k, levels): v for k, v in shapes.items()} if variant == "sd3" else shapes
+    if len(shapes.get("encoder.down.0.block.0.conv1.weight", ())) != 5:
         raise ForeignCheckpointError("Its ResNet convolutions are 2-D: an image VAE, not CV-VAE.")
-    base = conv_in[0]
-    levels = 0
-    while level_key.format(levels, 0) in shapes:
-        levels += 1
-    blocks = 0
-    while level_key.format(0, blocks) in shapes:
-        blocks += 1
-    mult = tuple(shapes[level_key.format(i, 0)][0] // base for i in range(levels))
-    latent = shapes["decoder.conv_in.weight"][1] if "decoder.conv_in.weight" in shapes else conv_in[0]
+    arch = architecture(shapes)
+    if "norm_groups" not in hints and any(arch["base_channels"] * m % 32 for m in arch["channel_mult"]):
+        hints = {**_shipped_config(variant, arch), **hints}
     try:
-        return CVVAEConfig(
-            variant=variant, latent_channels=latent, in_channels=conv_in[1], base_channels=base,
-            channel_mult=mult, blocks_per_level=blocks, norm_groups=int(hints.get("norm_groups", 32)),
-            scaling_factor=hints.get("scaling_factor"), shift_factor=hints.get("shift_factor"))
+        return CVVAEConfig(variant=variant, norm_groups=int(hints.get("norm_groups", 32)),
+                           scaling_factor=hints.get("scaling_factor"), shift_factor=hints.get("shift_factor"), **arch)
     except ValueError as e:
         raise CheckpointKeyError(f"Inconsistent CV-VAE shapes: {e}") from None
+
+
+def _shipped_config(variant: str, arch: dict) -> dict:
+    """The configuration (group count, latent scale/shift) of the shipped model with these shapes."""
+    with safe_open(str(builtin_path()), framework="pt") as f:
+        builtin = json.loads(f.metadata()["cvvae_config"])
+    if variant == builtin["variant"] and all(CVVAEConfig.from_dict(builtin).to_dict()[k] == v
+                                             for k, v in arch.items()):
+        return {k: builtin[k] for k in ("norm_groups", "scaling_factor", "shift_factor")}
+    channels = ", ".join(str(arch["base_channels"] * m) for m in arch["channel_mult"])
+    raise CheckpointKeyError(
+        f"This is a CV-VAE ({variant} layout, level channels {channels}) saved without its configuration: "
+        "the GroupNorm group count cannot be read from weights, and the released models' 32 does not divide "
+        "its channels. Save it with cvvae_core.save_model (a .safetensors file or a release folder keeps the "
+        "configuration), or put its config.json (with norm_num_groups) next to the weights file.")
 
 
 def _hints_from_config_json(cfg: dict) -> dict:
@@ -191,61 +134,6 @@ def _hints_from_config_json(cfg: dict) -> dict:
 
 
 # Reading files -----------------------------------------------------------------------------
-def _sniff(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not head:
-        return "empty"
-    if len(head) >= 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
-        return "safetensors"
-    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):  # zip or raw pickle
-        return "pickle"
-    if head.lstrip()[:1] == b"<":
-        return "html"
-    return "unknown"
-
-
-def write_safetensors(sd: dict, path: Path, metadata: dict) -> None:
-    """``safetensors.torch.save_file`` with the permissions any other new file gets.
-
-    safetensors writes through a private temporary file (mode 0600) and renames it; give the
-    result the usual ``0666 & ~umask`` (0644 under the default umask) so others can read it."""
-    from safetensors.torch import save_file
-
-    save_file(sd, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        size = path.stat().st_size
-        raise CheckpointCorruptError(
-            f"{path.name} ({size:,} bytes) is not a readable safetensors file: {e}. The file is "
-            "probably truncated or corrupt (an interrupted download?); download it again.") from None
-
-
-def _read_pickle(path: Path) -> dict:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds here; the message is what matters
-        raise CheckpointCorruptError(
-            f"{path.name} could not be read as a weights-only PyTorch checkpoint: {str(e).splitlines()[0]}. "
-            "Files that need full unpickling are not supported; convert to .safetensors.") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointCorruptError(f"{path.name} does not hold a flat state dict of tensors.")
-    return obj
-
-
 def resolve_path(path, subfolder: str | None = None) -> tuple[Path, dict]:
     """The weights file for ``path`` and the parsed ``config.json`` next to it (or ``{}``).
 
@@ -285,25 +173,7 @@ def resolve_path(path, subfolder: str | None = None) -> tuple[Path, dict]:
 def read_state_dict(path, allow_pickle: bool = False, subfolder: str | None = None) -> tuple[dict, dict]:
     """(state dict with the official keys, hints) from any accepted path; the prefix is removed."""
     file, config_json = resolve_path(path, subfolder)
-    kind = _sniff(file)
-    suffix = file.suffix.lower()
-    if kind == "empty":
-        raise CheckpointCorruptError(f"{file} is empty (0 bytes); download it again.")
-    if kind == "html":
-        raise CheckpointCorruptError(f"{file.name} is an HTML page, not weights: the download saved an error "
-                                     "or login page. Download the file itself again.")
-    if suffix in PICKLE_SUFFIXES or kind == "pickle":
-        if not allow_pickle:
-            raise PickleRefusedError(
-                f"{file.name} is a pickle-based checkpoint, which can run code when loaded. Use the "
-                ".safetensors release, or pass allow_pickle=True (loaded with torch.load(weights_only=True)).")
-        sd, metadata = _read_pickle(file), {}
-    elif kind == "safetensors" or suffix in SAFETENSORS_SUFFIXES:
-        sd, metadata = read_safetensors(file)
-    else:
-        raise CheckpointCorruptError(f"{file.name} is neither a safetensors nor a PyTorch checkpoint.")
-    if not sd:
-        raise CheckpointCorruptError(f"{file.name} holds no tensors.")
+    sd, metadata = read_weights(file, allow_pickle)
     prefix = strip_prefix(sd)
     if prefix is None:
         raise ForeignCheckpointError(f"{file.name} is {describe_foreign(sd)}.")
@@ -324,7 +194,7 @@ def _check_keys(model_sd: dict, sd: dict, cfg: CVVAEConfig, source: str):
     shaped = sorted(k for k in set(sd) & set(model_sd) if tuple(sd[k].shape) != tuple(model_sd[k].shape))
     if not (missing or unexpected or shaped):
         return
-    official = lambda keys: [_internal_to_sd3_name(k, cfg.num_levels) if cfg.variant == "sd3" else k for k in keys]
+    official = lambda keys: [official_name(k, cfg) for k in keys]
     lines = [f"{source} does not match the CV-VAE {cfg.variant} layout it resembles:"]
     if missing:
         lines.append(f"  {len(missing)} missing, e.g. {', '.join(official(missing[:5]))}")
@@ -343,7 +213,7 @@ def _check_keys(model_sd: dict, sd: dict, cfg: CVVAEConfig, source: str):
 def build_model(sd: dict, hints: dict | None = None, source: str = "checkpoint",
                 device=None, dtype=None) -> CVVAE:
     """A :class:`CVVAE` holding the official-layout state dict ``sd``."""
-    cfg = detect_config({k: tuple(v.shape) for k, v in sd.items()}, hints)
+    cfg = detect_config(keymap.tensor_shapes(sd), hints)
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):

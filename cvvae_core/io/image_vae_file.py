@@ -2,7 +2,7 @@
 
 :func:`load_image_vae` reads files in the LDM/ComfyUI layout (with or without a ``first_stage_model.``
 / ``vae.`` prefix) and in the diffusers layout (``encoder.down_blocks.{i}.resnets.{j}``,
-``mid_block.attentions.0.to_q``, ``conv_norm_out``), converting the latter on load.
+``mid_block.attentions.0.to_q``, ``conv_norm_out``), renamed on load by :mod:`cvvae_core.io.keymap`.
 
 Family (which latent scale/shift a diffusion model applies): from an explicit ``family``, else
 from the file (this project's metadata, or a diffusers ``config.json`` next to it), else from the
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -23,7 +22,10 @@ from ..errors import (CheckpointCorruptError, CheckpointKeyError, CheckpointNotF
 from ..model.image_vae import ImageVAE, ImageVAEConfig
 from ..spec import DEFAULT_FAMILY, IMAGE_FAMILIES, family_of
 from .builtin import builtin_image_vae_path, is_builtin
-from .checkpoint import WEIGHTS_NAME, read_safetensors, write_safetensors
+from . import keymap
+from .architecture import architecture
+from .checkpoint import WEIGHTS_NAME
+from .files import read_safetensors, write_safetensors
 
 PREFIXES = ("first_stage_model.", "vae.", "")
 
@@ -40,60 +42,15 @@ def strip_vae_prefix(sd: dict) -> dict:
         ".safetensors file (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1) in the LDM or diffusers layout")
 
 
-# diffusers AutoencoderKL name -> LDM name; {up} is the LDM level of a decoder up block (diffusers
-# counts up blocks from the top). Attention: new (to_q ...) and old (query ...) diffusers names.
-_DIFFUSERS_RULES = [
-    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.up.{up}.block.\2."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.{up}.upsample."),
-    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
-    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
-    (r"\.mid_block\.attentions\.0\.(group_norm)\.", ".mid.attn_1.norm."),
-    (r"\.mid_block\.attentions\.0\.(to_q|query)\.", ".mid.attn_1.q."),
-    (r"\.mid_block\.attentions\.0\.(to_k|key)\.", ".mid.attn_1.k."),
-    (r"\.mid_block\.attentions\.0\.(to_v|value)\.", ".mid.attn_1.v."),
-    (r"\.mid_block\.attentions\.0\.(to_out\.0|proj_attn)\.", ".mid.attn_1.proj_out."),
-    (r"\.conv_shortcut\.", ".nin_shortcut."),
-]
-
-
-def is_diffusers_layout(sd: dict) -> bool:
-    return "encoder.down_blocks.0.resnets.0.conv1.weight" in sd
-
-
-def from_diffusers_layout(sd: dict) -> dict:
-    """A diffusers ``AutoencoderKL`` state dict renamed to the LDM layout; the attention
-    projections (``nn.Linear`` there, 1x1 convolutions here) get their two unit dimensions."""
-    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k)))
-    out = {}
-    for key, value in sd.items():
-        name = key
-        for pattern, repl in _DIFFUSERS_RULES:
-            m = re.search(pattern, name)
-            if m:
-                up = levels - 1 - int(m.group(1)) if "{up}" in repl else None
-                name = re.sub(pattern, repl.replace("{up}", str(up)), name)
-        if ".mid.attn_1." in name and name.endswith(".weight") and value.dim() == 2:
-            value = value[:, :, None, None]
-        out[name] = value
-    return out
-
-
 def detect_image_config(sd: dict, hints: dict | None = None, family: str | None = None) -> ImageVAEConfig:
     """Architecture from tensor shapes (LDM layout); ``hints`` (the file's ``image_vae_config``
     metadata, or its diffusers ``config.json``) fill what shapes cannot tell (GroupNorm groups,
-    scale/shift); ``family`` (a name of :data:`~cvvae_core.config.IMAGE_FAMILIES`) sets the latent
+    scale/shift); ``family`` (a name of :data:`~cvvae_core.spec.IMAGE_FAMILIES`) sets the latent
     scale/shift and overrides the hints'. See the module docstring for how the family is chosen."""
-    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
-    blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
-    base = sd["encoder.conv_in.weight"].shape[0]
-    mult = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in range(levels))
-    latent = sd["decoder.conv_in.weight"].shape[1]
+    arch = architecture(keymap.tensor_shapes(sd))
+    latent = arch["latent_channels"]
     d = dict(hints or {})
-    d.update(latent_channels=latent, in_channels=sd["encoder.conv_in.weight"].shape[1],
-             base_channels=base, channel_mult=mult, blocks_per_level=blocks, quant_conv="quant_conv.weight" in sd)
+    d.update(arch, quant_conv="quant_conv.weight" in sd)
     if family is None and "scaling_factor" not in d:
         family = DEFAULT_FAMILY.get(latent)
         if family is None:
@@ -169,8 +126,8 @@ def load_image_vae(path, device=None, dtype=torch.float32, family: str | None = 
     if conv_in is not None and conv_in.dim() == 5:
         what = "a CV-VAE release folder" if path.is_dir() else "a CV-VAE (a 3-D video VAE: its convolutions are 3-D)"
         raise ForeignCheckpointError(f"{path.name} is {what}, not an image VAE file. {_GIVE_AN_IMAGE_VAE}")
-    if is_diffusers_layout(sd):
-        sd = from_diffusers_layout(sd)
+    if keymap.is_diffusers_layout(sd):
+        sd = keymap.to_ldm(sd, video=False)
     hints = None
     if "image_vae_config" in meta:
         hints = json.loads(meta["image_vae_config"])

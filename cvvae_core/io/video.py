@@ -1,14 +1,18 @@
-"""Video and image files: read/write MP4 with PyAV, write PNG strips without extra dependencies."""
+"""Video and image files: the one video reader (PyAV: seek, decode, FFmpeg's area filter to
+scale, crop) that encoding, training and the command line share; MP4 writing; PNG strips without
+extra dependencies; uint8 frames <-> the model's [-1, 1] range."""
 from __future__ import annotations
 
 import os
+import random
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import VideoFileError, VideoNotFoundError
 
@@ -34,8 +38,6 @@ def _container_guess(head: bytes) -> str | None:
 def _open_error(path: str, err: Exception) -> VideoFileError:
     """The typed error for a video that PyAV cannot open, saying what the file is and what to do
     (PyAV's own message carries FFmpeg's negative error code as an errno, which helps nobody)."""
-    import av
-
     if isinstance(err, FileNotFoundError):
         return VideoNotFoundError(f"video file {path} does not exist; check the path")
     if isinstance(err, IsADirectoryError):
@@ -58,54 +60,136 @@ def _open_error(path: str, err: Exception) -> VideoFileError:
     return VideoFileError(f"cannot open video {path}: {reason}; check that it is a video file PyAV/FFmpeg can read")
 
 
-def read_video(path, max_frames: int | None = None, height: int | None = None, width: int | None = None,
-               stride: int = 1):
-    """Frames of ``path`` as uint8 ``[T, H, W, 3]`` and the frame rate. ``stride`` keeps every
-    n-th frame; ``max_frames`` counts kept frames. With ``height``/``width`` the frames are scaled
-    to cover that size (aspect kept, antialiased) and centre-cropped, in small groups as they are
-    decoded, so a long high-resolution video never sits in memory at full size.
-    Files that cannot be read raise :class:`~cvvae_core.errors.VideoFileError` saying why."""
-    import av
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a video's first video stream, without decoding it."""
 
-    path = os.fspath(path)  # a string, not a Path: FFmpeg also reads URLs
+    fps: float
+    frames: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Scale every frame to ``scaled_height x scaled_width`` with FFmpeg's area filter, then cut
+    ``height x width`` at (``top``, ``left``)."""
+
+    scaled_height: int
+    scaled_width: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @classmethod
+    def cover(cls, source_height: int, source_width: int, height: int, width: int,
+              rng: random.Random | None = None, shorter_side: int | None = None) -> "Crop":
+        """Scaled (aspect kept) so the frame covers ``height x width`` (or so its shorter side is
+        ``shorter_side``), cut at random with ``rng``, else centred."""
+        scale = max(height / source_height, width / source_width)
+        if shorter_side is not None:
+            scale = shorter_side / min(source_height, source_width)
+        sh, sw = max(height, round(source_height * scale)), max(width, round(source_width * scale))
+        top = rng.randint(0, sh - height) if rng else (sh - height) // 2
+        left = rng.randint(0, sw - width) if rng else (sw - width) // 2
+        return cls(sh, sw, top, left, height, width)
+
+    def apply(self, frame: av.VideoFrame) -> torch.Tensor:
+        img = frame.reformat(width=self.scaled_width, height=self.scaled_height, format="rgb24",
+                             interpolation="AREA").to_ndarray()
+        return torch.from_numpy(img[self.top:self.top + self.height, self.left:self.left + self.width])
+
+
+def _open(path: str) -> av.container.InputContainer:
     try:
         container = av.open(path)
     except (av.error.FFmpegError, OSError) as e:
         raise _open_error(path, e) from None
-    resized, pending, kept, decoded = [], [], 0, 0
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["no"]
+        container.close()
+        raise VideoFileError(f"{path} has no video stream (it holds {', '.join(kinds)} streams); pass a file with video")
+    return container
 
-    def resize_pending():
-        group = torch.stack(pending)
-        resized.append(resize_cover(group, height or group.shape[1], width or group.shape[2])
-                       if height or width else group)
-        pending.clear()
 
-    with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["no"]
-            raise VideoFileError(f"{path} has no video stream (it holds {', '.join(kinds)} streams); "
-                                 "pass a file with video")
+def probe_video(path) -> VideoInfo:
+    """Frame rate, frame count and size from the container's headers (no decoding; where no header
+    gives the count, the packets are counted)."""
+    path = os.fspath(path)
+    with _open(path) as container:
         stream = container.streams.video[0]
-        fps = float(stream.average_rate or 24)
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
+        count = stream.frames
+        if not count and stream.duration and stream.time_base:
+            count = int(stream.duration * stream.time_base * fps)
+        if not count and container.duration:
+            count = int(container.duration / 1e6 * fps)
+        if not count:
+            count = sum(1 for p in container.demux(stream) if p.size)
+        width, height = stream.codec_context.width, stream.codec_context.height
+    if not width or not height:
+        raise VideoFileError(f"{path}: the video stream has no frame size; {_REENCODE}")
+    return VideoInfo(fps, count, width, height)
+
+
+def read_frames(path, start: int = 0, count: int | None = None, stride: int = 1, crop: Crop | None = None,
+                fps: float | None = None) -> list[torch.Tensor]:
+    """Frames ``start, start + stride, ...`` (``count`` of them, or to the end) of ``path``: uint8
+    ``[H, W, 3]`` each, through ``crop`` when given (so a long high-resolution video never sits in
+    memory at full size). A ``start`` after the first frame seeks (``fps`` turns frame numbers into
+    times); where a seek lands past ``start``, decoding restarts from the top. Fewer frames than
+    asked come back when the video ends first."""
+    path = os.fspath(path)  # a string, not a Path: FFmpeg also reads URLs
+    last = None if count is None else start + (count - 1) * stride
+    frames = _decode(path, start, last, stride, crop, fps, seek=start > 0)
+    if frames is None:
+        frames = _decode(path, start, last, stride, crop, fps, seek=False)
+    return frames
+
+
+def _decode(path, start, last, stride, crop, fps, seek) -> list[torch.Tensor] | None:
+    """None when a seek landed after ``start`` (the caller then decodes from the top). Frame
+    threading stays off: with it FFmpeg reports a truncated file as a short one."""
+    out, decoded = [], 0
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        fps = fps or float(stream.average_rate or 24)
+        t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        if seek:
+            container.seek(int((t0 + start / fps) / stream.time_base), stream=stream, backward=True)
+        index = -1
         try:
             for frame in container.decode(stream):
                 decoded += 1
-                if (decoded - 1) % stride:
-                    continue
-                pending.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
-                kept += 1
-                if len(pending) == 16:
-                    resize_pending()
-                if max_frames is not None and kept >= max_frames:
+                # After a seek only the timestamps say where we are; from the top, counting does.
+                index = round((frame.time - t0) * fps) if seek and frame.time is not None else index + 1
+                if seek and not out and index > start:
+                    return None
+                if index >= start and (index - start) % stride == 0:
+                    out.append(crop.apply(frame) if crop else torch.from_numpy(frame.to_ndarray(format="rgb24")))
+                if last is not None and index >= last:
                     break
         except av.error.FFmpegError as e:
             raise VideoFileError(f"{path} is truncated or corrupt: decoding failed after {decoded} frames "
                                  f"({e.strerror}); get the file again or {_REENCODE}") from None
-    if pending:
-        resize_pending()
-    if not resized:
+    return out
+
+
+def read_video(path, max_frames: int | None = None, height: int | None = None, width: int | None = None,
+               stride: int = 1):
+    """Frames of ``path`` as uint8 ``[T, H, W, 3]`` and the frame rate. ``stride`` keeps every
+    n-th frame; ``max_frames`` counts kept frames. With ``height``/``width`` the frames are scaled
+    to cover that size (aspect kept, FFmpeg's area filter) and centre-cropped as they are decoded.
+    Files that cannot be read raise :class:`~cvvae_core.errors.VideoFileError` saying why."""
+    info = probe_video(path)
+    crop = None
+    if height or width:
+        crop = Crop.cover(info.height, info.width, height or info.height, width or info.width)
+    frames = read_frames(path, 0, max_frames, stride, crop, info.fps)
+    if not frames:
         raise VideoFileError(f"{path} holds no video frames (its video stream is empty); pass another video")
-    return torch.cat(resized), fps
+    return torch.stack(frames), info.fps
 
 
 def check_output_path(path) -> Path:
@@ -119,24 +203,8 @@ def check_output_path(path) -> Path:
     return path
 
 
-def resize_cover(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> [T, height, width, 3]: scale to cover, then centre-crop."""
-    t, h, w, _ = video.shape
-    scale = max(height / h, width / w)
-    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    out = []
-    for chunk in video.split(16):  # bounded memory for long clips
-        x = chunk.permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (nh - height) // 2, (nw - width) // 2
-        out.append(x[:, :, top:top + height, left:left + width].round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out).permute(0, 2, 3, 1).contiguous()
-
-
 def write_video(path, frames: torch.Tensor, fps: float = 24.0, crf: int = 18):
     """Write uint8 ``[T, H, W, 3]`` frames as H.264 MP4 (yuv420p, so H and W are made even)."""
-    import av
-
     path = check_output_path(path)
     frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,8 +242,10 @@ def side_by_side_strip(original: torch.Tensor, reconstruction: torch.Tensor, col
 
 
 def to_model_range(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float [1, 3, T, H, W] in [-1, 1] (the official scripts' x / 127.5 - 1)."""
-    return frames.permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1
+    """uint8 [T, H, W, 3] (or a batch [B, T, H, W, 3]) -> float [B, 3, T, H, W] in [-1, 1] (the
+    official scripts' x / 127.5 - 1)."""
+    batch = frames if frames.dim() == 5 else frames.unsqueeze(0)
+    return batch.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The CV-VAE encoder, decoder and the public model class.
 
 Module names follow the official SD-variant (``vae3d``) state dict, so its checkpoints load
-key for key; the SD3 variant's names are translated in :mod:`cvvae_core.checkpoint`.
+key for key; the SD3 variant's names are translated by :mod:`cvvae_core.io.keymap`.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class Encoder(_LayerStack):
     """Video [B, 3, 1+4k, H, W] -> posterior moments [B, 2*C, 1+k, H/8, W/8] (mean, logvar).
 
     :meth:`layers` is the network: the order in which ``forward`` and the streaming engine
-    (:mod:`cvvae_core.streaming`) run the modules, named by their state-dict prefixes."""
+    (:mod:`cvvae_core.tiling`) run the modules, named by their state-dict prefixes."""
 
     def __init__(self, cfg: CVVAEConfig):
         super().__init__()
@@ -195,7 +195,7 @@ class CVVAE(nn.Module):
         """Encode a video of any frame count and size: ``frame_policy`` ``"pad"`` replicates the
         last frame / edge pixels up to 1+4k frames and multiples of 8 (removed again by
         :meth:`decode`), ``"trim"`` drops trailing frames / edge pixels, ``"error"`` raises.
-        Always returns a :class:`~cvvae_core.frames.FramedLatent` (latent + what was changed)."""
+        Always returns a :class:`~cvvae_core.model.frames.FramedLatent` (latent + what was changed)."""
         video, adjust = frame_rules.conform(video, self.config, frame_policy)
         mean, logvar = self.split_moments(self._encode_moments(video, tiling))
         latent = mean if not sample else sample_posterior(mean, logvar, generator)
@@ -217,7 +217,11 @@ class CVVAE(nn.Module):
         return self.decode_latent(sample_posterior(mean, logvar, generator)), mean, logvar
 
 
-def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None):
-    device = generator.device if generator is not None else mean.device
-    noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-    return mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
+    """A draw of the diagonal Gaussian posterior: ``mean + e^(logvar / 2) * noise``, with standard
+    normal ``noise`` given or drawn (from ``generator``, on its device)."""
+    if noise is None:
+        device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)

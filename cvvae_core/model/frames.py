@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..spec import CVVAEConfig
+from ..spec import CVVAEConfig, cvvae_owner
 from ..errors import ChannelMismatchError, FrameCountError, InputError
 
 POLICIES = ("error", "pad", "trim")
@@ -43,7 +43,8 @@ class FramedLatent(NamedTuple):
     adjustment: FrameAdjustment
 
 
-def valid_frame_counts_near(frames: int, step: int = 4) -> tuple[int, int]:
+def valid_frame_counts_near(frames: int, step: int) -> tuple[int, int]:
+    """The valid counts 1 + step * k just below (or at) and above ``frames``."""
     below = 1 + max(0, (frames - 1) // step) * step
     return below, below + step
 
@@ -92,11 +93,9 @@ def check_latent(latent: torch.Tensor, cfg: CVVAEConfig):
     _check_tensor(latent, "latent", f"[B, {cfg.latent_channels}, T, h, w]")
     c = latent.shape[1]
     if c != cfg.latent_channels:
-        owner = {4: "an SD-compatible CV-VAE (vae3d / vae3d_v1-1)",
-                 16: "the SD3-compatible CV-VAE (vae3d_sd3)"}.get(c, "another model")
         raise ChannelMismatchError(
             f"latent has {c} channels but this CV-VAE ({cfg.variant}) uses {cfg.latent_channels}. "
-            f"A {c}-channel latent belongs to {owner}; load that model, or check that the latent "
+            f"A {c}-channel latent belongs to {cvvae_owner(c)}; load that model, or check that the latent "
             "is [B, C, T, h, w] and not frames-as-batch [T, C, h, w].")
 
 

@@ -1,8 +1,8 @@
 """An SD-family image VAE (``AutoencoderKL``): SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, or the built-in one.
 
 This is the 2-D model whose latent space a CV-VAE shares: its frozen decoder is the target of
-the latent regularization (:mod:`cvvae_core.training`) and its weights initialise the video VAE
-(:mod:`cvvae_core.inflate`). Module names are the LDM/ComfyUI ones (``encoder.down.{i}.block.{j}``,
+the latent regularization (:mod:`cvvae_core.train.losses`) and its weights initialise the video VAE
+(:mod:`cvvae_core.train.inflate`). Module names are the LDM/ComfyUI ones (``encoder.down.{i}.block.{j}``,
 ``decoder.up.{i}...``, ``quant_conv``); files in either layout are read by
 :mod:`cvvae_core.io.image_vae_file`. SD3/FLUX VAEs, and the small built-in one, have no
 ``quant_conv``/``post_quant_conv``.
@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..spec import IMAGE_FAMILIES
+from .cvvae import LOGVAR_RANGE, sample_posterior
+
 
 @dataclass(frozen=True)
 class ImageVAEConfig:
@@ -27,7 +30,7 @@ class ImageVAEConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-6             # LDM's Normalize
     quant_conv: bool = True            # SD1.x/SDXL have quant_conv/post_quant_conv; SD3/Flux do not
-    scaling_factor: float = 0.18215
+    scaling_factor: float = IMAGE_FAMILIES["sd1"].scaling_factor
     shift_factor: float = 0.0
 
     def __post_init__(self):
@@ -200,7 +203,7 @@ class ImageVAE(nn.Module):
 
     def encode_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = self.moments(x).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z) if self.config.quant_conv else z)
@@ -212,8 +215,7 @@ class ImageVAE(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
         """Training pass: (reconstruction, mean, logvar) with a sampled latent."""
         mean, logvar = self.encode_distribution(x)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return self.decode(mean + torch.exp(0.5 * logvar) * noise), mean, logvar
+        return self.decode(sample_posterior(mean, logvar, generator)), mean, logvar
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         b, _, t, _, _ = video.shape

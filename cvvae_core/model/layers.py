@@ -10,7 +10,7 @@ official code pads time and space differently, and differently per variant:
   (``half_3d`` in the official code), always zero-padded.
 
 Each convolution states its padding once, as a :class:`ClipPadding`; the whole-clip forward
-pads with all of it, and the streaming engine (:mod:`cvvae_core.streaming`) pads a piece only
+pads with all of it, and the streaming engine (:mod:`cvvae_core.tiling`) pads a piece only
 where the piece reaches the clip's edge, so both compute the same function.
 """
 from __future__ import annotations

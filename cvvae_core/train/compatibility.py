@@ -17,13 +17,16 @@ from ..errors import InputError
 from ..model.image_vae import ImageVAE
 from ..metrics import psnr, ssim
 from ..model.cvvae import CVVAE
+from ..model.frames import conform
+from ..spec import CVVAEConfig
 from ..data.synthetic import SyntheticConfig, generate_clip
 from ..io.video import read_video, to_model_range
 
 
 def load_clip(spec: str, frames: int = 17, size: tuple[int, int] | None = None) -> torch.Tensor:
     """``synthetic:SEED`` (a generated clip, 64x64 unless ``size``) or a video file path (scaled to
-    cover ``size`` (H, W) and centre-cropped when given, then cropped to multiples of 8)."""
+    cover ``size`` (H, W) and centre-cropped when given); :func:`compat_report` trims it to what the
+    model takes."""
     if spec.startswith("synthetic"):
         seed = int(spec.partition(":")[2] or 0)
         h, w = size or (64, 64)
@@ -31,23 +34,25 @@ def load_clip(spec: str, frames: int = 17, size: tuple[int, int] | None = None) 
     if not Path(spec).is_file():
         raise InputError(f"clip {spec!r} is neither a video file nor 'synthetic:SEED'")
     h, w = size or (None, None)
-    video = to_model_range(read_video(spec, max_frames=frames, height=h, width=w)[0])
-    return video[..., : video.shape[-2] // 8 * 8, : video.shape[-1] // 8 * 8]
+    return to_model_range(read_video(spec, max_frames=frames, height=h, width=w)[0])
 
 
-def usable_frames(video: torch.Tensor) -> torch.Tensor:
-    """Trim to 1+4k frames (what the inference scripts of the paper do)."""
+def usable_frames(video: torch.Tensor, cfg: CVVAEConfig) -> torch.Tensor:
+    """Trimmed to the frame count and size the model takes (1+4k frames, multiples of 8 for the
+    released models), as the inference scripts of the paper do."""
     t = video.shape[2]
-    if t < 5:
-        raise InputError(f"the compatibility measure needs at least 5 frames (1+4k, k>=1), got {t}")
-    return video[:, :, : 1 + (t - 1) // 4 * 4]
+    if t < 1 + cfg.time_compression:
+        raise InputError(f"the compatibility measure needs at least {1 + cfg.time_compression} frames "
+                         f"(1+{cfg.time_compression}k, k>=1), got {t}")
+    return conform(video, cfg, "trim")[0]
 
 
 @torch.no_grad()
 def compat_report(video_vae: CVVAE, image_vae: ImageVAE, clip: torch.Tensor) -> dict:
     """PSNR/SSIM of: the video VAE's reconstruction; the image decoder on the video latent
-    (latent frame i vs video frame 4i); the image VAE on frames 4i (the ceiling)."""
-    clip = usable_frames(clip).float()
+    (latent frame i vs video frame ``step * i``, ``step`` the model's time compression); the image
+    VAE on those frames (the ceiling)."""
+    clip = usable_frames(clip.float(), video_vae.config)
     step = video_vae.config.time_compression
     dev = video_vae.device
     latent = video_vae.encode(clip.to(dev))
@@ -58,7 +63,7 @@ def compat_report(video_vae: CVVAE, image_vae: ImageVAE, clip: torch.Tensor) -> 
     targets = clip[:, :, ::step]
     image_only = image_vae.decode_video(image_vae.encode_video(targets.to(dev, img_dtype))).float().cpu()
     return {
-        "frames": clip.shape[2], "latent_frames": latent.shape[2], "size": list(clip.shape[-2:]),
+        "frames": clip.shape[2], "latent_frames": latent.shape[2], "size": list(clip.shape[-2:]), "time_compression": step,
         "video_recon_psnr": psnr(recon, clip), "video_recon_ssim": ssim(recon, clip),
         "image_decoder_psnr": psnr(from_video_latent, targets), "image_decoder_ssim": ssim(from_video_latent, targets),
         "image_vae_psnr": psnr(image_only, targets), "image_vae_ssim": ssim(image_only, targets),
@@ -70,7 +75,7 @@ def format_report(r: dict) -> str:
         f"clip: {r['frames']} frames {r['size'][0]}x{r['size'][1]} -> {r['latent_frames']} latent frames",
         f"video VAE reconstruction           PSNR {r['video_recon_psnr']:6.2f} dB  SSIM {r['video_recon_ssim']:.4f}",
         f"image decoder on video latent      PSNR {r['image_decoder_psnr']:6.2f} dB  SSIM {r['image_decoder_ssim']:.4f}"
-        "  (latent frame i vs frame 4i)",
+        f"  (latent frame i vs frame {r['time_compression']}i)",
         f"image VAE on the same frames       PSNR {r['image_vae_psnr']:6.2f} dB  SSIM {r['image_vae_ssim']:.4f}"
         "  (ceiling)",
     ])

@@ -36,6 +36,7 @@ from ..spec import CVVAEConfig
 from ..model.image_vae import ImageVAE
 from ..model.cvvae import CVVAE
 from ..data.synthetic import SyntheticConfig, generate_batch
+from ..metrics import psnr
 
 TEMPORAL_ATTN = "decoder.mid.attn_1."
 TEMPORAL_NAMES = ("norm_t", "q_t", "k_t", "v_t", "proj_out_t")
@@ -94,8 +95,12 @@ def _fit_temporal_projection(model: CVVAE, image_vae: ImageVAE, calibration_late
     y = captured[0].flatten(2).transpose(1, 2).flatten(0, 1).double()  # [tokens, C]
     c = y.shape[1]
     ln = F.layer_norm(y, (c,), eps=attn.norm_t.eps)
-    design = torch.cat([ln, torch.ones(len(ln), 1, dtype=y.dtype)], dim=1)
-    solution = torch.linalg.lstsq(design, y).solution                  # [C+1, C]
+    # Layer-normed tokens sum to zero over channels, so with the bias column all C channels would
+    # be linearly dependent: the fit uses C - 1 of them and gives the last weight 0 (the same
+    # outputs on any layer-normed input, and a full-rank problem whose solution is unique).
+    design = torch.cat([ln[:, :-1], torch.ones(len(ln), 1, dtype=y.dtype)], dim=1)
+    fitted = torch.linalg.lstsq(design, y).solution                    # [C, C]
+    solution = torch.cat([fitted[:-1], torch.zeros(1, c, dtype=y.dtype), fitted[-1:]])  # [C+1, C]
     attn.norm_t.weight.fill_(1.0)
     attn.norm_t.bias.zero_()
     attn.v_t.weight.copy_(torch.eye(c))
@@ -138,8 +143,6 @@ def inflate(image_vae: ImageVAE, calibration_latents: torch.Tensor | None = None
 def single_frame_gap(model: CVVAE, image_vae: ImageVAE, images: torch.Tensor) -> dict:
     """How far the video model is from the image model on single frames ``[N, 3, H, W]``:
     max |latent difference| and PSNR between the two reconstructions (video model run with T=1)."""
-    from ..metrics import psnr
-
     model, image_vae = model.float().cpu(), image_vae.float().cpu()
     z_img = image_vae.encode(images)
     z_vid = model.encode_distribution(images.unsqueeze(2))[0][:, :, 0]

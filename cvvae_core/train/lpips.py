@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointKeyError, CheckpointNotFoundError
@@ -89,8 +90,6 @@ def _read(path) -> dict:
         raise CheckpointNotFoundError(f"LPIPS weights {path} do not exist; give the file's path (nothing is "
                                       "downloaded) or use perceptual 'ssim'")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     sd = torch.load(path, map_location="cpu", weights_only=True)
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
