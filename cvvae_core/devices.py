@@ -16,7 +16,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        raise InputError(f"device {name!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use 'cpu'")
     return device
 
 

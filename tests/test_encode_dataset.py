@@ -278,8 +278,8 @@ def test_a_missing_truncated_or_replaced_shard_is_named_and_repaired_by_a_rerun(
 
 def test_clip_shape_comes_from_the_model_and_is_checked_before_writing(videos, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(cvvae_core.InputError, match="--frames must be 1\\+4k"):
+    with pytest.raises(cvvae_core.InputError, match="frames must be 1\\+4k"):
         encode_dataset(options(videos, out, frames=8))
-    with pytest.raises(cvvae_core.InputError, match="--size must be multiples of 8"):
+    with pytest.raises(cvvae_core.InputError, match="height and width must be multiples of 8"):
         encode_dataset(options(videos, out, height=30))
     assert not out.exists()

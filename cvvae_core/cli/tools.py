@@ -15,9 +15,9 @@ from ..errors import CheckpointError, UnknownImageFamilyError, VideoFileError
 from ..io.builtin import builtin_path
 from ..io.checkpoint import load_model, save_model
 from ..io.image_vae_file import image_family, load_image_vae
-from ..io.video import read_video, to_model_range, write_png
+from ..io.video import read_video, to_model_range, to_uint8, write_png
 from ..model.frames import conform
-from ..spec import IMAGE_FAMILIES, family_of
+from ..spec import IMAGE_FAMILIES, family_of, same_shape_twins
 from ..train.compatibility import compat_report, format_report, load_clip
 from ..train.inflate import default_calibration_latents, inflate, single_frame_gap
 from .args import SIZE_RULE, argument_errors, describe_crop, device_name, frame_count, int_at_least, size_hw
@@ -85,10 +85,10 @@ def cmd_inflate(args) -> int:
     cfg = image_vae.config
     print(f"image VAE: {cfg.latent_channels} latent channels, widths {list(cfg.level_channels)}, "
           f"{'with' if cfg.quant_conv else 'no'} quant convs; family {image_family(cfg)}")
-    same_shapes = {"sd1": "sdxl", "sd3": "flux"}.get(family_of(cfg.scaling_factor, cfg.shift_factor))
-    if args.family is None and same_shapes:
-        print(f"  (a {IMAGE_FAMILIES[same_shapes].description} has the same shapes: if it is one, "
-              f"pass --family {same_shapes})")
+    family = family_of(cfg.scaling_factor, cfg.shift_factor)
+    if args.family is None and family is not None and IMAGE_FAMILIES[family].assumed:
+        for twin in same_shape_twins(family):
+            print(f"  (a {twin.description} has the same shapes: if it is one, pass --family {twin.name})")
     model = inflate(image_vae, default_calibration_latents(image_vae))
     out = save_model(model, args.out)
     frames = generate_batch(123, 4, SyntheticConfig(frames=1)).squeeze(2)
@@ -121,9 +121,9 @@ def cmd_compat(args) -> int:
 
 def clip_strip(video: torch.Tensor) -> torch.Tensor:
     """A ``[3, T, H, W]`` clip in [-1, 1] as one uint8 ``[H, T*W, 3]`` image, frames side by side."""
-    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().byte()
-    c, t, h, w = frames.shape
-    return frames.permute(2, 1, 3, 0).reshape(h, t * w, c)
+    frames = to_uint8(video.unsqueeze(0))  # [T, H, W, 3]
+    t, h, w, c = frames.shape
+    return frames.permute(1, 0, 2, 3).reshape(h, t * w, c)
 
 
 def cmd_demo(args) -> int:

@@ -76,11 +76,11 @@ class EncodeOptions:
 
     def __post_init__(self):
         if self.output not in OUTPUT_MODES:
-            raise InputError(f"--output must be one of {', '.join(OUTPUT_MODES)}, got {self.output!r}")
+            raise InputError(f"output must be one of {', '.join(OUTPUT_MODES)}, got {self.output!r}")
         if self.windows not in ("first", "all") and not (self.windows.isdigit() and int(self.windows) >= 1):
-            raise InputError(f"--windows must be first, all or a count >= 1, got {self.windows!r}")
+            raise InputError(f"windows must be first, all or a count >= 1, got {self.windows!r}")
         if self.frame_stride < 1 or self.batch_size < 1 or self.shard_mb <= 0 or self.num_workers < 0:
-            raise InputError("--stride and --batch-size must be >= 1, --shard-mb > 0, --num-workers >= 0")
+            raise InputError("frame_stride and batch_size must be >= 1, shard_mb > 0, num_workers >= 0")
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Input:
 
 def list_inputs(videos: str) -> list[Input]:
     """Every input of a folder or manifest, sorted by key: the order ranks split (the same on every restart)."""
-    sources, problems = list_sources(videos, "--videos")
+    sources, problems = list_sources(videos, "videos")
     inputs = [Input(s.key, s) for s in sources] + [Input(p["path"], problem=p["reason"]) for p in problems]
     return sorted(inputs, key=lambda i: i.key)
 
@@ -432,9 +432,9 @@ def check_clip_shape(opts: EncodeOptions, cfg: CVVAEConfig):
     tc, sc = cfg.time_compression, cfg.spatial_compression
     if opts.frames < 1 or (opts.frames - 1) % tc:
         counts = ", ".join(str(1 + tc * k) for k in range(5))
-        raise InputError(f"--frames must be 1+{tc}k ({counts}, ...) for this model, got {opts.frames}")
+        raise InputError(f"frames must be 1+{tc}k ({counts}, ...) for this model, got {opts.frames}")
     if opts.height % sc or opts.width % sc or min(opts.height, opts.width) < sc:
-        raise InputError(f"--size must be multiples of {sc} (e.g. {32 * sc}x{32 * sc}) for this model, "
+        raise InputError(f"height and width must be multiples of {sc} (e.g. {32 * sc}) for this model, "
                          f"got {opts.height}x{opts.width}")
 
 

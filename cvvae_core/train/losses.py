@@ -77,6 +77,16 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+#: What each logged training value is, for the log's readers (printed when a run starts).
+LOG_MEANINGS = {
+    "loss": "the objective, summed over each clip's pixels and averaged over clips: large (1e4-1e5 at 64x64) "
+            "and it may rise while the learned log-variances settle",
+    "rec_l1": "mean |x - x_hat| per pixel value in [-1, 1]: the video reconstruction error; falls in a healthy run",
+    "rec2d_l1": "the same for the frozen image decoder on the video latent (the latent regularization)",
+    "kl": "KL(q(z|x) || N(0, I)) summed over each clip's latent values, averaged over clips",
+}
+
+
 class VAELoss(nn.Module):
     """The objective of the module docstring; holds the learned log-variances."""
 

@@ -36,6 +36,7 @@ from ..distributed import Ranks, ranks_of
 from ..errors import CVVAEError, TrainingDataError
 from ..progress import TextProgress
 from .config import TrainConfig
+from .losses import LOG_MEANINGS
 from .plot import plot_run
 from .trainer import Trainer
 
@@ -138,6 +139,8 @@ class _Loop:
             print(f"data: {self.data.description}; global batch {cfg.batch_size} x {ranks.world} ranks x "
                   f"{cfg.grad_accum} accumulation = {cfg.batch_size * ranks.world * cfg.grad_accum} clips",
                   file=sys.stderr)
+            for name, meaning in LOG_MEANINGS.items():
+                print(f"  {name}: {meaning}", file=sys.stderr)
         loader = iter(self.data.loader(trainer.step_count, cfg.steps, cfg.batch_size, ranks.rank, ranks.world,
                                        cfg.grad_accum))
         while trainer.step_count < cfg.steps:
