@@ -81,7 +81,8 @@ class PatchDiscriminator(nn.Module):
 LOG_MEANINGS = {
     "loss": "the objective, summed over each clip's pixels and averaged over clips: large (1e4-1e5 at 64x64) "
             "and it may rise while the learned log-variances settle",
-    "rec_l1": "mean |x - x_hat| per pixel value in [-1, 1]: the video reconstruction error; falls in a healthy run",
+    "rec_l1": "mean |x - x_hat| per pixel value in [-1, 1]: the video reconstruction error; one batch's value, so "
+              "it jumps from step to step: judge its trend over hundreds of steps, and the val/ values",
     "rec2d_l1": "the same for the frozen image decoder on the video latent (the latent regularization)",
     "kl": "KL(q(z|x) || N(0, I)) summed over each clip's latent values, averaged over clips",
 }
