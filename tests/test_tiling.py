@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import cvvae_core
-from cvvae_core.tiling import executor, runner as tiling
+from cvvae_core.tiling import executor, planner, runner as tiling
 from cvvae_core.errors import CancelledError, InputError, OutOfMemoryError, UnsupportedLayerError
 from conftest import randomize_, tiny_config, video
 
@@ -64,7 +64,7 @@ def test_seamless_decode_equals_untiled(model, tile, chunk):
 
 def test_automatic_cpu_pieces_equal_untiled(sd_model, monkeypatch):
     """The default plan on CPU (pieces capped in bytes, per layer), forced small, in a batch of 2."""
-    monkeypatch.setattr(tiling, "CPU_PIECE_BYTES", 20_000)
+    monkeypatch.setattr(planner, "CPU_PIECE_BYTES", 20_000)
     x = torch.cat([video(1, 5, 24, 32, seed=s) for s in (2, 3)])
     torch.testing.assert_close(tiling.encode_moments(sd_model, x), sd_model.encode_moments(x), atol=EXACT, rtol=0)
     z = sd_model.encode(x)
