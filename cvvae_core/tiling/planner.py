@@ -149,16 +149,28 @@ def elem_size(dtype: torch.dtype) -> int:
 # ------------------------------------------------------------------------------------------
 # Piece sizes
 # ------------------------------------------------------------------------------------------
-def piece_shape(step: ex.Step, shape, plan: Plan, video: tuple[int, int, int], elem: int,
-                src_shape) -> tuple[int, int, int]:
-    """Piece size (T, H, W) of ``step`` (output ``shape``) under ``plan``."""
-    size = list(shape[2:])
+def piece_work(prog: ex.Program, step: ex.Step, piece, recompute: frozenset[str], elem: int) -> int:
+    """Working memory of one piece of ``step``; a reader of a recomputed store also holds the
+    recomputing convolution's piece (the region it reads, with its halo)."""
+    work = ex.work_bytes(step, prog.shapes[step.src], prog.shapes[step.out], piece, elem)
+    producer = prog.producer(step.src)
+    if producer is not None and producer.name in recompute:
+        kernel, size = step.conv.kernel3, prog.shapes[step.src][2:]
+        region = tuple(min(n, p + k - 1) for p, k, n in zip(piece, kernel, size))
+        work += ex.work_bytes(producer, prog.shapes[producer.src], prog.shapes[producer.out], region, elem)
+    return work
+
+
+def piece_shape(prog: ex.Program, step: ex.Step, plan: Plan, video: tuple[int, int, int],
+                elem: int) -> tuple[int, int, int]:
+    """Piece size (T, H, W) of ``step`` under ``plan``."""
+    size = list(prog.shapes[step.out][2:])
     piece = [n if v is None else min(n, max(1, math.ceil(v * n / ref)))
              for n, v, ref in zip(size, (plan.chunk, plan.tile, plan.tile), video)]
     piece = [p if can else n for p, n, can in zip(piece, size, step.split)]
     if plan.piece_bytes is not None:
         def fits():
-            return ex.work_bytes(step, src_shape, shape, piece, elem) <= plan.piece_bytes
+            return piece_work(prog, step, piece, plan.recompute, elem) <= plan.piece_bytes
 
         # Smaller tiles first: convolutions lose efficiency on short chunks (a 1-frame output
         # runs at half the speed per voxel of 4 frames on CPU); then shorter chunks, then tiles again.
@@ -177,27 +189,12 @@ def piece_shape(step: ex.Step, shape, plan: Plan, video: tuple[int, int, int], e
 
 def piece_sizes(prog: ex.Program, plan: Plan, video, elem: int) -> list[tuple[int, int, int]]:
     """The piece size of every step of ``prog``, in step order."""
-    return [piece_shape(s, prog.shapes[s.out], plan, video, elem, prog.shapes[s.src]) for s in prog.steps]
-
-
-def recompute_region(prog: ex.Program, consumer: ex.Step, piece) -> tuple[int, int, int]:
-    """Size of the region of a recomputed store that one piece of ``consumer`` reads (its halo)."""
-    kernel = consumer.conv.kernel3
-    return tuple(min(n, p + k - 1) for p, k, n in zip(piece, kernel, prog.shapes[consumer.src][2:]))
+    return [piece_shape(prog, s, plan, video, elem) for s in prog.steps]
 
 
 def step_work(prog: ex.Program, sizes, recompute: frozenset[str], elem: int) -> list[int]:
-    """Working memory of each step's largest piece; a reader of a recomputed store also holds the
-    recomputing convolution's piece."""
-    work = []
-    for i, (s, piece) in enumerate(zip(prog.steps, sizes)):
-        w = ex.work_bytes(s, prog.shapes[s.src], prog.shapes[s.out], piece, elem)
-        producer = prog.producer(s.src)
-        if producer is not None and producer.name in recompute:
-            region = recompute_region(prog, s, piece)
-            w += ex.work_bytes(producer, prog.shapes[producer.src], prog.shapes[producer.out], region, elem)
-        work.append(w)
-    return work
+    """Working memory of each step's largest piece."""
+    return [piece_work(prog, s, piece, recompute, elem) for s, piece in zip(prog.steps, sizes)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,14 +320,21 @@ def choose_plan(model, direction: Direction, shape, *, tile: int | None, chunk: 
     plan = place(prog, _with_recompute(prog, base, recompute), video, elem, device, output_device, device_budget)
     host_budget = default_host_budget() if host_budget is None else host_budget
     if recompute is None:
-        # Host memory short too: recompute the largest host-tier ResNet intermediates until it fits.
-        candidates = sorted((s for s in prog.steps if s.recomputable and s.name in plan.host),
-                            key=lambda s: -math.prod(prog.shapes[s.out]))
-        for step in candidates:
-            if estimate_program(prog, plan, video, elem, device, output_device).host <= host_budget:
+        # Host memory short too: recompute ResNet intermediates, the largest first, one size at a
+        # time (blocks at one resolution peak alike: recomputing one of them alone lowers no peak).
+        by_size: dict[int, set[str]] = {}
+        for s in prog.steps:
+            if s.recomputable:
+                by_size.setdefault(math.prod(prog.shapes[s.out]), set()).add(s.name)
+        host = estimate_program(prog, plan, video, elem, device, output_device).host
+        for size in sorted(by_size, reverse=True):
+            if host <= host_budget:
                 break
-            plan = place(prog, replace(plan, recompute=plan.recompute | {step.name}), video, elem, device,
-                         output_device, device_budget)
+            trial = place(prog, replace(plan, recompute=plan.recompute | by_size[size]), video, elem, device,
+                          output_device, device_budget)
+            trial_host = estimate_program(prog, trial, video, elem, device, output_device).host
+            if trial_host < host:
+                plan, host = trial, trial_host
     return plan
 
 
