@@ -122,9 +122,9 @@ def child(args):
     host_peak = reports[0].host_peak if reports else None
     # VmHWM, not ru_maxrss: the latter starts at the parent's RSS when the child is forked
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    print(json.dumps({"seconds": seconds, "device_peak": device_peak, "host_peak": host_peak, "user": after.ru_utime - before.ru_utime,
-                      "sys": after.ru_stime - before.ru_stime, "minflt": after.ru_minflt - before.ru_minflt,
-                      "peak_rss_kib": hwm}))
+    print(json.dumps({"seconds": seconds, "device_peak": device_peak, "host_peak": host_peak,
+                      "user": after.ru_utime - before.ru_utime, "sys": after.ru_stime - before.ru_stime,
+                      "minflt": after.ru_minflt - before.ru_minflt, "peak_rss_kib": hwm}))
 
 
 def run_child(args, mode: str, direction: str, inp: Path, out: Path, dtype: str) -> dict:
