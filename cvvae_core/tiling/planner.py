@@ -142,6 +142,12 @@ class MemoryEstimate:
         return self.host_stores + self.staging
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device (the current one is 0 unless set otherwise)."""
+    index = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+    return a.type == b.type and (a.index if a.index is not None else index) == (b.index if b.index is not None else index)
+
+
 def elem_size(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
@@ -265,7 +271,7 @@ def estimate_program(prog: ex.Program, plan: Plan, video, elem: int, device: tor
     work = work or step_work(prog, sizes, plan.recompute, elem)
     device_held, host_held = store_timeline(prog, plan, elem)
     peak = max(range(len(prog.steps)), key=lambda i: device_held[i] + work[i])
-    io = 4 * math.prod(prog.output_shape) if torch.device(output_device) == device else 0
+    io = 4 * math.prod(prog.output_shape) if same_device(torch.device(output_device), device) else 0
     staging = STAGING_SLOTS * staging_slot_bytes(prog, sizes, plan, elem) if device.type == "cuda" else 0
     return MemoryEstimate(device_held[peak], work[peak], io, max(host_held), staging if not plan.whole else 0)
 
