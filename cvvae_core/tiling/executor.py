@@ -10,8 +10,8 @@ piece, and each step's output is kept whole (a *store*) until the steps that rea
 
 * A piece reads from the previous store exactly the region its receptive field needs (the halo),
   so a convolution sees what it sees in the whole-clip pass; padding is added only where the
-  piece reaches the clip's edge, by the layer's own :class:`~cvvae_core.layers.ClipPadding`.
-  Nothing is recomputed and no state is carried between pieces.
+  piece reaches the clip's edge, by the layer's own :class:`~cvvae_core.model.layers.ClipPadding`.
+  No state is carried between pieces.
 * A store that feeds a GroupNorm sums its statistics (count, mean, M2 per batch x group; float64,
   Chan's merge) while it is written, so every norm normalises with the exact clip-wide statistics.
 * Attention is frame-local in space and position-local in time (see ``SpatialAttention``): its
@@ -19,10 +19,10 @@ piece, and each step's output is kept whole (a *store*) until the steps that rea
 
 Each store lives in a tier, the compute device or host memory (:mod:`.tiers`), in the compute
 dtype, or is not stored at all: a ResNet block's first convolution can be recomputed by the step
-that reads it (the plan decides: :mod:`.planner`). The working memory beyond the stores is bounded
-by the piece size. Adding a layer
-type means one handler here (``_BUILDERS``); a layer without one is refused when the program is
-built, never run wrongly.
+that reads it, from the region of the block's input it needs (the plan decides: :mod:`.planner`).
+The working memory beyond the stores is bounded by the piece size. Adding a layer type means one
+handler here (``_BUILDERS``); a layer without one is refused when the program is built, never run
+wrongly.
 """
 from __future__ import annotations
 
