@@ -1,6 +1,6 @@
 """Tiling engine benchmark: each mode against official mode and the untiled model, in one run.
 
-    python bench/bench_tiling.py --model random-sd --size 256x256 --frames 17          # CPU targets (issue 9)
+    python bench/bench_tiling.py --model random-sd --size 192x192 --frames 17 --modes untiled official seamless-auto
     python bench/bench_tiling.py --model builtin --videos ../shared/data/videos --size 576x1024 --frames 17
     python bench/bench_tiling.py --model random-sd --size 64x64 --frames 33 --modes untiled seamless-chunk8
     python bench/bench_tiling.py --device cuda --dtype bf16 --size 576x1024 --frames 17 97
@@ -11,12 +11,16 @@ CPU/system time belong to that mode alone. Modes:
   official          the official tiled algorithm (release tile 576 px / overlap 0.2222 / 16-frame chunks)
   seamless-chunkN   the seamless engine with N-frame chunks forced
   seamless-auto     the seamless engine with its automatic plan (the default)
-  seamless-budgetG  the automatic plan for a device memory budget of G GiB (TilingOptions.memory_budget)
+  seamless-budgetG  the automatic plan for a device memory budget of G GiB (TilingOptions.memory_budget;
+                    on CPU too: layer outputs beyond it go to the host tier)
+  seamless-budgetG-recompute   the same, ResNet intermediates recomputed (TilingOptions.recompute)
 Columns: seconds, frames/s, throughput relative to official, user and system CPU seconds of the
 pass, the system share of its CPU time, its minor page faults, the child's peak RSS (VmHWM: model
-and input included) or max_memory_allocated (CUDA), and PSNR against the untiled float32 model
-(on CUDA computed in the parent, TF32 off): decode outputs directly (peak-to-peak 2), encode
-outputs as latents (peak-to-peak of the untiled latent) and through the untiled float32 decoder.
+and input included), the device peak (CUDA: max_memory_allocated minus the model; CPU with a budget:
+the engine's counted device-tier peak), the engine's host-tier peak, and PSNR against the float32
+model (untiled; where that does not fit the device, the seamless engine; on CUDA computed in the
+parent, TF32 off): decode outputs directly (peak-to-peak 2), encode outputs as latents (peak-to-peak
+of the reference latent) and through the float32 decoder.
 ``random-sd`` / ``random-sd3``: release-size vae3d / vae3d_sd3 with seeded random weights.
 """
 from __future__ import annotations
@@ -78,7 +82,10 @@ def options(mode: str) -> tiling.TilingOptions | None:
     if mode.startswith("seamless-chunk"):
         return tiling.TilingOptions(chunk_frames=int(mode[len("seamless-chunk"):]))
     if mode.startswith("seamless-budget"):
-        return tiling.TilingOptions(memory_budget=int(float(mode[len("seamless-budget"):]) * 2 ** 30))
+        size, _, extra = mode[len("seamless-budget"):].partition("-")
+        if extra not in ("", "recompute"):
+            raise SystemExit(f"unknown mode {mode}")
+        return tiling.TilingOptions(memory_budget=int(float(size) * 2 ** 30), recompute=extra == "recompute" or None)
     raise SystemExit(f"unknown mode {mode}")
 
 
@@ -89,9 +96,13 @@ def child(args):
     model = build_model(args.model, args.device, DTYPES[args.dtype])
     x = torch.load(args.input)
     opts = options(args.mode)
+    reports = []
+    if opts is not None:
+        opts.report = reports.append
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+        model_bytes = torch.cuda.memory_allocated(device)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     with torch.no_grad():
@@ -104,12 +115,16 @@ def child(args):
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)  # the pass alone, not the process start
     torch.save(y.float().cpu(), args.output)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        device_peak = torch.cuda.max_memory_allocated(device) - model_bytes
+    else:
+        device_peak = reports[0].device_peak if reports and opts.memory_budget else None
+    host_peak = reports[0].host_peak if reports else None
     # VmHWM, not ru_maxrss: the latter starts at the parent's RSS when the child is forked
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    print(json.dumps({"seconds": seconds, "cuda_peak": peak, "user": after.ru_utime - before.ru_utime,
-                      "sys": after.ru_stime - before.ru_stime, "minflt": after.ru_minflt - before.ru_minflt,
-                      "peak_rss_kib": hwm}))
+    print(json.dumps({"seconds": seconds, "device_peak": device_peak, "host_peak": host_peak,
+                      "user": after.ru_utime - before.ru_utime, "sys": after.ru_stime - before.ru_stime,
+                      "minflt": after.ru_minflt - before.ru_minflt, "peak_rss_kib": hwm}))
 
 
 def run_child(args, mode: str, direction: str, inp: Path, out: Path, dtype: str) -> dict:
@@ -125,7 +140,8 @@ def run_child(args, mode: str, direction: str, inp: Path, out: Path, dtype: str)
     cpu = result["user"] + result["sys"]
     return {"mode": mode, "seconds": result["seconds"], "user": result["user"], "sys": result["sys"],
             "sys_share": result["sys"] / cpu if cpu else 0.0, "minflt": result["minflt"],
-            "peak_rss_mib": result["peak_rss_kib"] / 1024, "cuda_peak_gib": (result["cuda_peak"] or 0) / 2**30}
+            "peak_rss_mib": result["peak_rss_kib"] / 1024,
+            **{f"{k}_gib": None if result[k] is None else result[k] / 2**30 for k in ("device_peak", "host_peak")}}
 
 
 def psnr(a: torch.Tensor, ref: torch.Tensor, peak: float) -> float:
@@ -160,8 +176,14 @@ def main():
     ref_model = build_model(args.model, ref_device, torch.float32)
 
     def reference(fn, x: torch.Tensor) -> torch.Tensor:
+        """``fn`` ("encode": the posterior mean, or "decode") of the float32 model: untiled where the
+        engine's estimate says it fits the device, else the seamless engine."""
+        direction = tiling.DECODE if fn == "decode" else tiling.ENCODE
+        need = tiling.estimate_memory(ref_model, direction, x.shape, tiling.Plan(), ref_device, ref_device).total
+        fits = ref_device.type == "cpu" or need < torch.cuda.mem_get_info(ref_device)[0]
         with torch.no_grad():
-            y = fn(x.to(ref_device)).cpu()
+            y = getattr(ref_model, fn)(x.to(ref_device), **({} if fits else {"tiling": tiling.TilingOptions()}))
+            y = y.cpu()
         if ref_device.type == "cuda":
             torch.cuda.empty_cache()  # the children measure their own peak: leave them the memory
         return y
@@ -172,7 +194,7 @@ def main():
         for clip_spec in clips:
             for frames in args.frames:
                 video = make_clip(str(clip_spec), frames, h, w)
-                ref_latent = reference(ref_model.encode, video)
+                ref_latent = reference("encode", video)
                 inputs = {"encode": video, "decode": ref_latent}
                 for direction in args.directions:
                     inp = tmp / f"{direction}_in.pt"
@@ -184,7 +206,7 @@ def main():
                         results[mode] = run_child(args, mode, direction, inp, out, dtype)
                         results[mode]["out"] = out
                     if ref_device.type == "cuda":  # the untiled child ran in --dtype: the reference is this one
-                        ref = reference(getattr(ref_model, direction), inputs[direction])
+                        ref = reference(direction, inputs[direction])  # encode: the mean, compared below
                     elif "untiled" in results and not results["untiled"].get("failed"):
                         ref = torch.load(results["untiled"]["out"])
                     else:
@@ -202,8 +224,8 @@ def main():
                             elif ref is not None:
                                 c = ref_model.latent_channels
                                 row["psnr"] = psnr(y[:, :c], ref[:, :c], float(ref[:, :c].max() - ref[:, :c].min()))
-                                row["psnr_decoded"] = psnr(reference(ref_model.decode, y[:, :c]),
-                                                           reference(ref_model.decode, ref[:, :c]), 2.0)
+                                row["psnr_decoded"] = psnr(reference("decode", y[:, :c]),
+                                                           reference("decode", ref[:, :c]), 2.0)
                         rows.append(row)
                         print(format_row(row), flush=True)
     if args.json:
@@ -218,7 +240,9 @@ def format_row(r: dict) -> str:
     q = ""
     if "psnr" in r:
         q = f" psnr {r['psnr']:6.1f} dB" + (f" (decoded {r['psnr_decoded']:.1f})" if "psnr_decoded" in r else "")
-    mem = f"rss {r['peak_rss_mib']:6.0f} MiB" + (f" cuda {r['cuda_peak_gib']:.2f} GiB" if r["cuda_peak_gib"] else "")
+    mem = f"rss {r['peak_rss_mib']:6.0f} MiB"
+    mem += f" device {r['device_peak_gib']:.3f} GiB" if r["device_peak_gib"] is not None else ""
+    mem += f" host {r['host_peak_gib']:.3f} GiB" if r["host_peak_gib"] is not None else ""
     return (f"{head} {r['seconds']:7.1f}s {r['fps']:6.2f} f/s {vs:>6s}  user {r['user']:6.1f} sys {r['sys']:5.1f} "
             f"({100 * r['sys_share']:4.1f}%) faults {r['minflt']:9d} {mem}{q}")
 

@@ -32,7 +32,8 @@ executor.ConvStep.run = counted_run
 try:
     for case in json.loads(sys.argv[2]):
         x = case_input(case)
-        opts = tiling.TilingOptions(tile_size=case["tile"], chunk_frames=case["chunk"], distributed=True)
+        opts = tiling.TilingOptions(tile_size=case["tile"], chunk_frames=case["chunk"], distributed=True,
+                                    memory_budget=case.get("budget"))
         run = tiling.decode_latent if case["what"] == "decode" else tiling.encode_moments
         key = json.dumps(case)
         results[key] = run(model, x, opts)

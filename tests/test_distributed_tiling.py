@@ -20,9 +20,11 @@ from conftest import randomize_, tiny_config, video
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_tiling_worker.py")
 
-# Odd tiles and chunks that divide nothing: 32x40 frames in 24 px tiles, 9 frames in 3-frame chunks;
-# and one piece per layer (fewer pieces than ranks: rank 1 has nothing to do but the collectives).
-CASES = [dict(what=w, tile=24, chunk=3) for w in ("decode", "encode")]
+# Odd tiles and chunks that divide nothing: 32x40 frames in 24 px tiles, 9 frames in 3-frame chunks,
+# once with a device budget that sends part of the layer outputs to host memory; and one piece per
+# layer (fewer pieces than ranks: rank 1 has nothing to do but the collectives).
+CASES = [dict(what=w, tile=24, chunk=3) for w in ("decode", "encode")] + [
+    dict(what="decode", tile=24, chunk=3, budget=1_500_000)]
 WHOLE = dict(what="decode", tile=1024, chunk=1024)
 
 
@@ -79,8 +81,12 @@ def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     one_process = _convolution_pieces(monkeypatch)
     for case in CASES + [WHOLE]:
         one_process[0] = 0
-        opts = tiling.TilingOptions(tile_size=case["tile"], chunk_frames=case["chunk"])
+        opts = tiling.TilingOptions(tile_size=case["tile"], chunk_frames=case["chunk"],
+                                    memory_budget=case.get("budget"))
         run = tiling.decode_latent if case["what"] == "decode" else tiling.encode_moments
+        if "budget" in case:  # the case it is there for: both tiers in use
+            plan = tiling.plan_for(model, tiling.DECODE, case_input(case).shape, opts)
+            assert 0 < len(plan.host) < len(executor.Program(model.decoder.layers(), case_input(case).shape).steps) - 1
         want = run(model, case_input(case), opts)
         torch.testing.assert_close(got[json.dumps(case)], want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case}: {m}")
         ran = [c.get(json.dumps(case), 0) for c in counts]

@@ -1,9 +1,11 @@
-"""The tiling/streaming engine (cvvae_core.tiling, cvvae_core.tiling.executor) on tiny CPU models.
+"""The tiling engine (cvvae_core.tiling) on tiny CPU models.
 
 Seamless mode is exact: with the clip-wide GroupNorm statistics it sums itself, every split of
 the clip into time chunks and spatial tiles must give the untiled result to float32 rounding
 (this proves halos, edge padding, frame order and the statistics at once); a separate test checks
-the statistics themselves against the untiled pass's.
+the statistics themselves against the untiled pass's. Under a device budget the layer outputs are
+split between the device and host memory, or recomputed, by the same code that runs on CUDA: exact
+too, and within the budget the plan estimated.
 """
 import math
 
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 import cvvae_core
-from cvvae_core.tiling import executor, runner as tiling
+from cvvae_core.tiling import executor, planner, runner as tiling
 from cvvae_core.errors import CancelledError, InputError, OutOfMemoryError, UnsupportedLayerError
 from conftest import randomize_, tiny_config, video
 
@@ -64,7 +66,7 @@ def test_seamless_decode_equals_untiled(model, tile, chunk):
 
 def test_automatic_cpu_pieces_equal_untiled(sd_model, monkeypatch):
     """The default plan on CPU (pieces capped in bytes, per layer), forced small, in a batch of 2."""
-    monkeypatch.setattr(tiling, "CPU_PIECE_BYTES", 20_000)
+    monkeypatch.setattr(planner, "CPU_PIECE_BYTES", 20_000)
     x = torch.cat([video(1, 5, 24, 32, seed=s) for s in (2, 3)])
     torch.testing.assert_close(tiling.encode_moments(sd_model, x), sd_model.encode_moments(x), atol=EXACT, rtol=0)
     z = sd_model.encode(x)
@@ -107,6 +109,98 @@ def test_every_norm_uses_the_clip_wide_statistics(model, monkeypatch, decode):
         for mean, var in uses:  # every piece, the same clip-wide values
             torch.testing.assert_close(mean, want[key][0], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(var, want[key][1], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory tiers: device budget, host memory, recomputation
+# ---------------------------------------------------------------------------------------------
+def psnr(out, ref):
+    return 10 * math.log10((ref.max() - ref.min()).item() ** 2 / (out - ref).square().mean().item())
+
+
+def run_reported(model, what, x, **opts):
+    """(result, RunReport) of a seamless pass."""
+    reports = []
+    run = tiling.encode_moments if what == "encode" else tiling.decode_latent
+    out = run(model, x, tiling.TilingOptions(report=reports.append, **opts))
+    (report,) = reports
+    return out, report
+
+
+def clip(model, what, latent_frames):
+    if what == "encode":
+        return video(1, 4 * latent_frames - 3, 32, 40, seed=5)
+    return torch.randn(1, model.latent_channels, latent_frames, 4, 6, generator=torch.Generator().manual_seed(5))
+
+
+# Device budgets (bytes) that hold one 24 px x 3-frame piece and part of the layer outputs: the
+# whole schedule needs 1.4 MB (encode) / 2.4 MB (decode) with every output on the device.
+BUDGET = {"encode": 800_000, "decode": 1_500_000}
+
+
+@pytest.mark.parametrize("what", ["encode", "decode"])
+def test_a_device_budget_splits_the_stores_exactly(model, what):
+    x = clip(model, what, 3)
+    ref = model.encode_moments(x) if what == "encode" else model.decode_latent(x)
+    out, report = run_reported(model, what, x, tile_size=24, chunk_frames=3, memory_budget=BUDGET[what])
+    assert psnr(out, ref) >= 100
+    stores = len(executor.Program((model.encoder if what == "encode" else model.decoder).layers(),
+                                  x.shape).steps) - 1
+    assert 0 < len(report.plan.host) < stores, report.describe()  # some on the device, some in host memory
+    assert report.device_peak <= BUDGET[what]
+    est = report.estimate
+    assert abs(est.total - report.device_peak) <= 0.1 * report.device_peak
+    assert abs(est.host - report.host_peak) <= 0.1 * report.host_peak
+    assert "in host memory" in report.describe()
+
+
+@pytest.mark.parametrize("what", ["encode", "decode"])
+def test_the_device_peak_does_not_grow_with_the_clip(sd_model, what):
+    """A longer clip moves more layer outputs to host memory; the device holds the same (the float32
+    result, on this one-memory machine counted on the device too, is the caller's and not compared)."""
+    peaks = []
+    for frames in (2, 5):
+        _, report = run_reported(sd_model, what, clip(sd_model, what, frames), tile_size=24, chunk_frames=3,
+                                 memory_budget=BUDGET[what] + (600_000 if what == "decode" else 0))
+        assert report.device_peak <= BUDGET[what] + (600_000 if what == "decode" else 0)
+        peaks.append((report.device_peak - report.estimate.io, report.host_peak))
+    (short_device, short_host), (long_device, long_host) = peaks
+    assert long_device <= 1.1 * short_device and long_host > 2 * short_host, peaks
+
+
+@pytest.mark.parametrize("what", ["encode", "decode"])
+def test_recomputing_resnet_intermediates_is_exact_and_saves_host_memory(model, what):
+    x = clip(model, what, 3)
+    ref = model.encode_moments(x) if what == "encode" else model.decode_latent(x)
+    opts = dict(tile_size=24, chunk_frames=3, memory_budget=1000)  # every layer output in host memory
+    _, stored = run_reported(model, what, x, recompute=False, **opts)
+    out, report = run_reported(model, what, x, recompute=True, **opts)
+    assert psnr(out, ref) >= 100
+    assert report.plan.recompute and all(name.endswith(".conv1") for name in report.plan.recompute)
+    assert report.host_peak < stored.host_peak
+    assert abs(report.estimate.host - report.host_peak) <= 0.1 * report.host_peak
+
+
+def test_short_host_memory_makes_the_plan_recompute(sd_model):
+    x = clip(sd_model, "decode", 5)
+    free = tiling.plan_for(sd_model, tiling.DECODE, x.shape, tiling.TilingOptions(memory_budget=BUDGET["decode"]))
+    assert not free.recompute
+    host = tiling.estimate_memory(sd_model, tiling.DECODE, x.shape, free).host
+    opts = tiling.TilingOptions(memory_budget=BUDGET["decode"], host_memory_budget=host // 2)
+    short = tiling.plan_for(sd_model, tiling.DECODE, x.shape, opts)
+    assert short.recompute and "recomputed" in short.describe()
+    assert tiling.estimate_memory(sd_model, tiling.DECODE, x.shape, short).host < host
+    out, report = run_reported(sd_model, "decode", x, memory_budget=BUDGET["decode"], host_memory_budget=host // 2)
+    assert report.plan == short and psnr(out, sd_model.decode_latent(x)) >= 100
+
+
+def test_automatic_pieces_under_a_device_budget(sd_model):
+    """No sizes given: pieces from a share of the budget, stores placed around them."""
+    x = clip(sd_model, "encode", 5)
+    out, report = run_reported(sd_model, "encode", x, memory_budget=1_000_000)
+    assert report.plan.piece_bytes == int(1_000_000 * planner.PIECE_SHARE) and report.plan.host
+    assert report.device_peak <= 1_000_000
+    assert psnr(out, sd_model.encode_moments(x)) >= 100
 
 
 def test_the_whole_clip_plan_is_the_untiled_pass(model):

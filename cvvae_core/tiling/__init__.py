@@ -3,12 +3,14 @@
     from cvvae_core.tiling import TilingOptions
     z = vae.encode(video, tiling=TilingOptions())
 
+:mod:`.runner` is the interface (options, the two passes, plans and memory requests);
+:mod:`.planner` plans piece sizes and where layer outputs live from the one memory estimate;
 :mod:`.executor` runs the model's own layer list step by step over pieces with clip-wide GroupNorm
-statistics; :mod:`.runner` plans piece sizes from the one memory estimate, falls back on
-out-of-memory, reports progress and runs the official algorithm.
+statistics; :mod:`.tiers` keeps layer outputs on the device or in host memory and moves pieces
+between them; :mod:`.official` is the official tiled algorithm; :mod:`.meter` reports progress.
 """
-from .runner import (DECODE, ENCODE, MODES, PROGRESS_UNITS, MemoryEstimate, Plan, TilingOptions, decode_latent,
-                     encode_moments, estimate_memory, memory_request, plan_for)
+from .runner import (DECODE, ENCODE, MODES, PROGRESS_UNITS, MemoryEstimate, Plan, RunReport, TilingOptions,
+                     decode_latent, encode_moments, estimate_memory, memory_request, plan_for)
 
-__all__ = ["TilingOptions", "encode_moments", "decode_latent", "estimate_memory", "memory_request", "plan_for",
-           "Plan", "MemoryEstimate", "ENCODE", "DECODE", "MODES", "PROGRESS_UNITS"]
+__all__ = ["TilingOptions", "RunReport", "encode_moments", "decode_latent", "estimate_memory", "memory_request",
+           "plan_for", "Plan", "MemoryEstimate", "ENCODE", "DECODE", "MODES", "PROGRESS_UNITS"]

@@ -10,17 +10,19 @@ piece, and each step's output is kept whole (a *store*) until the steps that rea
 
 * A piece reads from the previous store exactly the region its receptive field needs (the halo),
   so a convolution sees what it sees in the whole-clip pass; padding is added only where the
-  piece reaches the clip's edge, by the layer's own :class:`~cvvae_core.layers.ClipPadding`.
-  Nothing is recomputed and no state is carried between pieces.
+  piece reaches the clip's edge, by the layer's own :class:`~cvvae_core.model.layers.ClipPadding`.
+  No state is carried between pieces.
 * A store that feeds a GroupNorm sums its statistics (count, mean, M2 per batch x group; float64,
   Chan's merge) while it is written, so every norm normalises with the exact clip-wide statistics.
 * Attention is frame-local in space and position-local in time (see ``SpatialAttention``): its
   spatial part runs on time chunks of whole frames, its temporal part on tiles of whole sequences.
 
-Stores live on the compute device or in host memory (the plan decides: see :mod:`cvvae_core.tiling`),
-in the compute dtype; the working memory beyond them is bounded by the piece size. Adding a layer
-type means one handler here (``_BUILDERS``); a layer without one is refused when the program is
-built, never run wrongly.
+Each store lives in a tier, the compute device or host memory (:mod:`.tiers`), in the compute
+dtype, or is not stored at all: a ResNet block's first convolution can be recomputed by the step
+that reads it, from the region of the block's input it needs (the plan decides: :mod:`.planner`).
+The working memory beyond the stores is bounded by the piece size. Adding a layer type means one
+handler here (``_BUILDERS``); a layer without one is refused when the program is built, never run
+wrongly.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedLayerError
+from .tiers import DEVICE, HOST, HostLink, Ledger, StorePool
 from ..model.layers import ClipPadding, FrameConv2d, GroupNormSiLU, ResnetBlock, SpatialAttention, Upsample, WindowConv3d
 
 Range = tuple[int, int]
@@ -116,7 +119,9 @@ def _window(out: Range, kernel: int, stride: int, before: int, size: int) -> tup
 class Step:
     """One layer over its whole output. ``src``/``out`` (and ``residual``) are store slots;
     ``norm`` is the GroupNorm + SiLU applied to ``src`` first; ``split`` says which axes of the
-    output (T, H, W) pieces may divide."""
+    output (T, H, W) pieces may divide. ``recomputable``: the output is read only by the next step,
+    which also reads this step's source, so that step can recompute what it reads instead of
+    storing it (a ResNet block's first convolution)."""
 
     name: str
     src: int
@@ -124,6 +129,7 @@ class Step:
     norm: GroupNormSiLU | None = None
     residual: int | None = None
     split: tuple[bool, bool, bool] = (True, True, True)
+    recomputable: bool = False
 
     def out_shape(self, src: Shape) -> Shape:
         raise NotImplementedError
@@ -285,7 +291,7 @@ class Program:
             if builder is None:
                 raise UnsupportedLayerError(
                     f"layer {name!r} ({type(layer).__name__}) has no handler in the streaming engine: add one to "
-                    "cvvae_core.streaming._BUILDERS, or run untiled (tiling=None)")
+                    "cvvae_core.tiling.executor._BUILDERS, or run untiled (tiling=None)")
             if self._pending_norm is not None and builder is not _build_conv:
                 raise UnsupportedLayerError(f"{self._pending_norm[0]!r} (GroupNorm + SiLU) must be followed by a "
                                             f"convolution, got {name!r} ({type(layer).__name__})")
@@ -299,6 +305,14 @@ class Program:
             for slot in (s.src, s.residual):
                 if slot is not None:
                     self.last_read[slot] = i
+        self.frees: list[list[int]] = [[] for _ in self.steps]
+        for slot, last in self.last_read.items():
+            self.frees[last].append(slot)
+        self._producers = {s.out: s for s in self.steps}
+
+    def producer(self, slot: int) -> Step | None:
+        """The step that writes ``slot`` (None for the input)."""
+        return self._producers.get(slot)
 
     @property
     def output_shape(self) -> Shape:
@@ -335,7 +349,7 @@ def _build_resnet(prog: Program, name: str, block: ResnetBlock):
     for part in ("conv1", "conv2"):
         _check_conv(f"{name}.{part}", getattr(block, part))
     x = prog.current
-    h = prog.add(ConvStep(f"{name}.conv1", x, norm=block.norm1, conv=block.conv1))
+    h = prog.add(ConvStep(f"{name}.conv1", x, norm=block.norm1, conv=block.conv1, recomputable=True))
     prog.add(ConvStep(f"{name}.conv2", h, norm=block.norm2, conv=block.conv2, residual=x, shortcut=block.nin_shortcut))
 
 
@@ -382,7 +396,7 @@ def _slices(box: Box) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------
-# Memory model (used by cvvae_core.tiling's estimate)
+# Memory model (used by the planner's estimate)
 # --------------------------------------------------------------------------------------------
 def work_bytes(step: Step, src: Shape, out: Shape, piece: tuple[int, int, int], elem: int) -> int:
     """Temporaries of one piece: the input region (read, normalised, padded: up to three copies),
@@ -392,77 +406,41 @@ def work_bytes(step: Step, src: Shape, out: Shape, piece: tuple[int, int, int], 
                            + step.scores(src, piece))
 
 
-def peak_store_bytes(prog: Program, elem: int) -> int:
-    """Most bytes of layer outputs kept at once (the input and the final output not counted)."""
-    live: dict[int, int] = {}
-    peak = 0
-    for i, step in enumerate(prog.steps[:-1]):
-        live[step.out] = elem * math.prod(prog.shapes[step.out])
-        peak = max(peak, sum(live.values()))
-        for slot, last in prog.last_read.items():
-            if last == i:
-                live.pop(slot, None)
-    return peak
-
-
 # --------------------------------------------------------------------------------------------
 # Running a program
 # --------------------------------------------------------------------------------------------
-class _StorePool:
-    """Freed stores, kept for the next store of the same shape: a long clip allocates (and page-faults
-    in) each store size once instead of once per layer."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format):
-        self.device, self.dtype, self.memory_format, self.free = device, dtype, memory_format, []
-
-    def take(self, shape: Shape) -> torch.Tensor:
-        for i, t in enumerate(self.free):
-            if tuple(t.shape) == tuple(shape):
-                return self.free.pop(i)
-        self.free.clear()  # a new size: the network has moved on to another resolution
-        return torch.empty(shape, device=self.device, dtype=self.dtype, memory_format=self.memory_format)
-
-    def give(self, t: torch.Tensor):
-        self.free.append(t)
-
-
-def _to_device(region: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A piece of a store on the compute device. A piece of a host store is strided, and CUDA copies
-    only contiguous host memory: PyTorch would stage it through a fresh pageable buffer, page-faulting
-    and copying synchronously. So it goes through a pinned buffer of its own, which PyTorch's pinned
-    allocator reuses once the (asynchronous) copy out of it has finished."""
-    if region.device.type == "cpu" and device.type == "cuda":
-        staged = torch.empty(region.shape, dtype=region.dtype, pin_memory=True)
-        region = staged.copy_(region)
-    return region.to(device, non_blocking=True).to(dtype)
-
-
-def _write_piece(dest: torch.Tensor, y: torch.Tensor):
-    """Write a computed piece into its region of a store or the output (see ``_to_device``)."""
-    if dest.device.type == "cpu" and y.device.type == "cuda":
-        staged = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
-        y = staged.copy_(y)  # waits for the piece, so the next step reads a finished store
-    dest.copy_(y, non_blocking=True)
-
-
 class _Reader:
-    """The stores of a running program and their statistics; called to read a piece's input."""
+    """The stores of a running program, their tiers and statistics; called to read a piece's input."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
+    def __init__(self, shapes: dict[int, Shape], device: torch.device, dtype: torch.dtype, link: HostLink):
+        self.shapes, self.device, self.dtype, self.link = shapes, device, dtype, link
         self.stores: dict[int, torch.Tensor] = {}
+        self.tiers: dict[int, str] = {}
+        self.recomputed: dict[int, Step] = {}
         self.moments: dict[int, GroupMoments] = {}
         self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def shape(self, slot: int):
-        return self.stores[slot].shape
+    def shape(self, slot: int) -> Shape:
+        return self.shapes[slot]
+
+    def keep(self, slot: int, store: torch.Tensor, tier: str):
+        self.stores[slot], self.tiers[slot] = store, tier
+
+    def region(self, slot: int, box: Box) -> torch.Tensor:
+        """Region ``box`` of store ``slot`` on the compute device in the compute dtype."""
+        if slot in self.recomputed:
+            return self.recomputed[slot].run(self, box)
+        region = self.stores[slot][_slices(box)]
+        if self.tiers[slot] == HOST:
+            return self.link.read(slot, box, region, self.dtype)
+        return region.to(self.dtype)
 
     def __call__(self, slot: int, box: Box, norm: GroupNormSiLU | None, padding: ClipPadding | None = None,
                  amounts=((0, 0), (0, 0), (0, 0))) -> torch.Tensor:
-        """Region ``box`` of store ``slot`` on the compute device in the compute dtype; normalised (+ SiLU)
-        with the store's clip-wide statistics when ``norm`` is given; padded by ``amounts`` of
-        ``padding`` when given (a normalised region is written straight into the padded buffer)."""
-        x = _to_device(self.stores[slot][_slices(box)], self.device, self.dtype)
+        """:meth:`region`, normalised (+ SiLU) with the store's clip-wide statistics when ``norm`` is
+        given; padded by ``amounts`` of ``padding`` when given (a normalised region is written straight
+        into the padded buffer)."""
+        x = self.region(slot, box)
         if norm is None:
             return x if padding is None else padding.apply(x, amounts)
         if slot not in self._stats:
@@ -473,31 +451,55 @@ class _Reader:
         norm_silu(x, norm, *self._stats[slot], out=interior)
         return padding.fill_border(padded, amounts)
 
-    def drop(self, slot: int) -> torch.Tensor:
+    def drop(self, slot: int) -> tuple[torch.Tensor | None, str | None]:
         self.moments.pop(slot, None)
         self._stats.pop(slot, None)
-        return self.stores.pop(slot)
+        self.recomputed.pop(slot, None)
+        return self.stores.pop(slot, None), self.tiers.pop(slot, None)
+
+
+@dataclass
+class Placement:
+    """Where a program's stores live: ``host`` names the steps whose outputs are kept in host memory
+    (the rest on the device), ``recompute`` those whose outputs are recomputed by their reader."""
+
+    host: frozenset[str] = frozenset()
+    recompute: frozenset[str] = frozenset()
 
 
 def run_program(prog: Program, x: torch.Tensor, output: torch.Tensor, *, device: torch.device,
-                dtype: torch.dtype, store_device: torch.device, piece_of: Callable[[Step, Shape], tuple],
-                check: Callable[[], None], done: Callable[[Step, Box], None], group=None,
+                dtype: torch.dtype, placement: Placement, link: HostLink, ledger: Ledger, work: list[int],
+                piece_of: Callable[[Step, Shape], tuple], check: Callable[[], None],
+                done: Callable[[Step, Box], None], group=None,
                 memory_format: torch.memory_format = torch.contiguous_format):
     """Run ``prog`` on ``x`` (slot 0, any device), writing the result into ``output``.
 
+    Each step's output goes to the tier ``placement`` gives it (``x`` and ``output`` are in the host
+    tier when they are not on ``device``) and returns to its tier's pool after its last reader; the
+    ``ledger`` counts every store and, per step, the working memory ``work[i]`` of its largest piece.
     ``piece_of(step, out_shape)`` gives the piece size (T, H, W) of a step; ``check()`` is called
-    before each piece (cancellation) and ``done(step, box)`` after it (progress; other ranks'
-    pieces count too). Stores are kept in ``memory_format`` (pieces inherit it: ``channels_last_3d``
-    speeds up CPU convolutions). With a :class:`~cvvae_core.distributed.TileGroup`
-    each rank runs the pieces ``k % world == rank`` of every step, and the stores (zero elsewhere)
-    and statistics are summed across ranks after each step."""
-    pool = _StorePool(store_device, dtype, memory_format)
-    read = _Reader(device, dtype)
-    read.stores[0] = x
+    before each piece (cancellation) and ``done(step, box)`` after it (progress; other ranks' pieces
+    count too). Stores are kept in ``memory_format`` (pieces inherit it: ``channels_last_3d`` speeds
+    up CPU convolutions). With a :class:`~cvvae_core.distributed.TileGroup` each rank runs the
+    pieces ``k % world == rank`` of every step, and the stores (zero elsewhere) and statistics are
+    summed across ranks after each step."""
+    host_format = memory_format if device.type == "cpu" else torch.contiguous_format
+    pools = {DEVICE: StorePool(DEVICE, device, dtype, memory_format, ledger),
+             HOST: StorePool(HOST, torch.device("cpu"), dtype, host_format, ledger)}
+    read = _Reader(prog.shapes, device, dtype, link)
+    read.keep(0, x, DEVICE if x.device == device else HOST)
+    last = len(prog.steps) - 1
     for i, step in enumerate(prog.steps):
         shape = prog.shapes[step.out]
-        dest = output if i == len(prog.steps) - 1 else pool.take(shape)
-        if group is not None:
+        if i == last:
+            dest, tier = output, (DEVICE if output.device == device else HOST)
+        elif step.name in placement.recompute:
+            dest, tier = None, None
+        else:
+            tier = HOST if step.name in placement.host else DEVICE
+            dest = pools[tier].take(shape)
+        ledger.piece(work[i])
+        if group is not None and dest is not None:
             dest.zero_()
         norm = prog.norm_of.get(step.out)
         moments = GroupMoments(norm.num_groups) if norm is not None else None
@@ -509,20 +511,34 @@ def run_program(prog: Program, x: torch.Tensor, output: torch.Tensor, *, device:
                     y = step.run(read, box)
                     if moments is not None:
                         moments.add(y)
-                    _write_piece(dest[_slices(box)], y)
+                    if tier == HOST:
+                        link.write(step.out, box, dest[_slices(box)], y)
+                    elif dest is not None:
+                        dest[_slices(box)].copy_(y)
                 done(step, box)
 
         if group is None:
             run_step()
         else:
             group.run(run_step)
-            group.all_sum(dest)
+            if dest is not None:
+                link.wait(step.out)
+                group.all_sum(dest)
             if moments is not None:
                 group.merge_moments(moments)
-        read.stores[step.out] = dest
+        if dest is None:
+            read.recomputed[step.out] = step
+        elif i != last:
+            read.keep(step.out, dest, tier)
         if moments is not None:
             read.moments[step.out] = moments
-        for slot, last in prog.last_read.items():
-            if last == i and slot != 0:
-                pool.give(read.drop(slot))
+        for slot in prog.frees[i]:
+            if slot != 0:
+                store, store_tier = read.drop(slot)
+                if store is not None:
+                    link.wait(slot)
+                    pools[store_tier].give(store)
+    link.land_all()
+    for pool in pools.values():
+        pool.release()
     return output
