@@ -46,7 +46,7 @@ from ..cvvae_core import load_model, tiling
 from ..cvvae_core.devices import DTYPES
 from ..cvvae_core.errors import FrameCountError
 from ..cvvae_core.model.frames import check_latent
-from ..cvvae_core.tiling.runner import FREE_MEMORY_SHARE, MIN_TILE
+from ..cvvae_core.tiling.planner import FREE_MEMORY_SHARE, MIN_TILE
 from . import runtime
 
 log = logging.getLogger("CV-VAE")
@@ -260,7 +260,7 @@ class CVVAEComfyVAE(comfy.sd.VAE):
         pixels = pixels.unsqueeze(2) if framewise else pixels.movedim(1, 0).unsqueeze(0)
         stage = self.first_stage_model
         opts = stage.options(tiling.ENCODE, tile_x, tile_y, tile_t, overlap, overlap_t)
-        with runtime.comfy_pass(self, runtime.memory_request(self, "encode", pixels.shape, opts), "encoding"):
+        with runtime.comfy_pass(self, runtime.memory_request(self, "encode", pixels.shape, opts), "encoding", opts):
             latent = stage.run(tiling.ENCODE, self.process_input(pixels), opts)
         return _squeeze_single_frame(latent.to(self.output_device, torch.float32), framewise)
 
@@ -276,7 +276,7 @@ class CVVAEComfyVAE(comfy.sd.VAE):
         latent = self._video_latent(samples)
         stage = self.first_stage_model
         opts = stage.options(tiling.DECODE, tile_x, tile_y, tile_t, overlap, overlap_t)
-        with runtime.comfy_pass(self, runtime.memory_request(self, "decode", latent.shape, opts), "decoding"):
+        with runtime.comfy_pass(self, runtime.memory_request(self, "decode", latent.shape, opts), "decoding", opts):
             video = stage.run(tiling.DECODE, latent, opts)
         out = self.process_output(video.to(self.output_device, torch.float32)).movedim(1, -1)
         return out[:, 0] if samples.dim() == 4 else out

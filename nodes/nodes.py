@@ -145,7 +145,7 @@ class CVVAEVideoEncode(io.ComfyNode):
         pbar = runtime.progress_bar()
         opts = runtime.tiling_options(tiling, tile_size, chunk_frames, pbar, vae.output_device)
         need = runtime.memory_request(vae, "encode", video.shape, opts)
-        with runtime.comfy_pass(vae, need, "encoding"):
+        with runtime.comfy_pass(vae, need, "encoding", opts):
             out = model.encode_framed(video, frame_policy=frame_policy, tiling=opts)
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(1, 1)
@@ -187,7 +187,7 @@ class CVVAEVideoDecode(io.ComfyNode):
         pbar = runtime.progress_bar()
         opts = runtime.tiling_options(tiling, tile_size, chunk_frames, pbar, vae.output_device)
         need = runtime.memory_request(vae, "decode", latent.shape, opts)
-        with runtime.comfy_pass(vae, need, "decoding"):
+        with runtime.comfy_pass(vae, need, "decoding", opts):
             video = model.decode(FramedLatent(latent, adjust), tiling=opts)
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(1, 1)

@@ -11,6 +11,7 @@ import comfy.utils
 from ..cvvae_core.errors import CancelledError, OutOfMemoryError
 from ..cvvae_core import tiling
 from ..cvvae_core.tiling import TilingOptions
+from ..cvvae_core.tiling.planner import FREE_MEMORY_SHARE
 
 TILING_MODES = ["auto", "seamless", "official", "none"]
 
@@ -53,9 +54,14 @@ def memory_request(vae, what: str, shape, opts: TilingOptions | None) -> int:
 
 
 @contextlib.contextmanager
-def comfy_pass(vae, memory_required: float, what: str):
-    """Make room and load the model, then run the pass under :func:`comfy_errors`."""
+def comfy_pass(vae, memory_required: float, what: str, opts: TilingOptions | None = None):
+    """Make room and load the model, then run the pass under :func:`comfy_errors`. On a GPU, an
+    automatic seamless plan (``opts`` without a budget) is sized from what ComfyUI reports free once
+    the model is loaded: its own allocator cache counts as free there, not in CUDA's figure."""
     mm.load_models_gpu([vae.patcher], memory_required=memory_required, force_full_load=True)
+    if (opts is not None and opts.mode == "seamless" and opts.memory_budget is None
+            and torch.device(vae.device).type == "cuda"):
+        opts.memory_budget = int(mm.get_free_memory(vae.device) * FREE_MEMORY_SHARE)
     with comfy_errors(what):
         yield
 

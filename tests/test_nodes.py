@@ -345,6 +345,25 @@ def test_out_of_memory_says_what_to_do(vae, monkeypatch):
     assert True in mm.EMPTY_CACHE_CALLS
 
 
+def test_automatic_plan_on_a_gpu_is_sized_from_comfyuis_free_memory(monkeypatch):
+    """Once ComfyUI has loaded the model, an automatic seamless plan takes its budget from what
+    ComfyUI reports free (its cache counts as free there); given sizes, other modes and CPU keep theirs."""
+    from cvvae_pack.nodes import runtime
+    from cvvae_pack.cvvae_core.tiling.planner import FREE_MEMORY_SHARE
+
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 10 << 30)
+    gpu = type("GpuVae", (), {"patcher": object(), "device": torch.device("cuda", 0)})()
+    cpu = type("CpuVae", (), {"patcher": object(), "device": torch.device("cpu")})()
+    cases = [(gpu, runtime.engine_options(), int((10 << 30) * FREE_MEMORY_SHARE)),
+             (gpu, runtime.engine_options(memory_budget=1 << 30), 1 << 30),
+             (gpu, runtime.engine_options(mode="official"), None),
+             (cpu, runtime.engine_options(), None)]
+    for vae, opts, budget in cases:
+        with runtime.comfy_pass(vae, 0, "decoding", opts):
+            pass
+        assert opts.memory_budget == budget, (vae, opts.mode)
+
+
 def test_video_decode_explains_4d_latents_and_channel_mismatch(vae):
     with pytest.raises(ValueError, match="Latent Adapter"):
         run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": torch.randn(3, 4, 2, 3)})
