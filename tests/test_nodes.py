@@ -352,8 +352,9 @@ def test_automatic_plan_on_a_gpu_is_sized_from_comfyuis_free_memory(monkeypatch)
     from cvvae_pack.cvvae_core.tiling.planner import FREE_MEMORY_SHARE
 
     monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 10 << 30)
-    gpu = type("GpuVae", (), {"patcher": object(), "device": torch.device("cuda", 0)})()
-    cpu = type("CpuVae", (), {"patcher": object(), "device": torch.device("cpu")})()
+    patcher = type("Patcher", (), {"load": lambda self: None})()
+    gpu = type("GpuVae", (), {"patcher": patcher, "device": torch.device("cuda", 0)})()
+    cpu = type("CpuVae", (), {"patcher": patcher, "device": torch.device("cpu")})()
     cases = [(gpu, runtime.engine_options(), int((10 << 30) * FREE_MEMORY_SHARE)),
              (gpu, runtime.engine_options(memory_budget=1 << 30), 1 << 30),
              (gpu, runtime.engine_options(mode="official"), None),
