@@ -86,7 +86,7 @@ def child(args) -> None:
     with torch.inference_mode():
         for _ in range(3 if args.frames else 0):
             t0 = time.perf_counter()
-            z = model.encode_moments(x)[:, :model.config.latent_channels]
+            z = model.encoder_output(x)[:, :model.config.latent_channels]
             times["encode_s"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             model.decode(z)

@@ -107,9 +107,9 @@ def child(args):
     start = time.perf_counter()
     with torch.no_grad():
         if args.direction == "encode":
-            y = model.encode_moments(x) if opts is None else tiling.encode_moments(model, x, opts)
+            y = model.encoder_output(x) if opts is None else tiling.encode_moments(model, x, opts)
         else:
-            y = model.decode_latent(x) if opts is None else tiling.decode_latent(model, x, opts)
+            y = model.decoder_output(x) if opts is None else tiling.decode_latent(model, x, opts)
         if device.type == "cuda":
             torch.cuda.synchronize()
     seconds = time.perf_counter() - start

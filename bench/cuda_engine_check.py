@@ -51,8 +51,8 @@ def timed_pass(model, direction, x: torch.Tensor, mode: str, budget: float | Non
     """One pass; its seconds, device peak, the engine's report and the float32 CPU result."""
     reports = []
     if mode == "untiled":
-        run = (lambda: model.encode_moments(x).float().cpu()) if direction is tiling.ENCODE else \
-            (lambda: model.decode_latent(x).float().cpu())
+        run = (lambda: model.encoder_output(x).float().cpu()) if direction is tiling.ENCODE else \
+            (lambda: model.decoder_output(x).float().cpu())
     else:
         opts = tiling.TilingOptions(mode="official" if mode == "official" else "seamless", report=reports.append,
                                     memory_budget=None if budget is None else int(budget * GIB))
@@ -86,7 +86,7 @@ def reference(model32, direction, x: torch.Tensor, device: torch.device) -> torc
     fits = device.type == "cpu" or need < 0.9 * torch.cuda.mem_get_info(device)[0]
     with torch.no_grad():
         if fits:
-            y = (model32.encode_moments if direction is tiling.ENCODE else model32.decode_latent)(x.to(device))
+            y = (model32.encoder_output if direction is tiling.ENCODE else model32.decoder_output)(x.to(device))
             return y.float().cpu()
         run = tiling.encode_moments if direction is tiling.ENCODE else tiling.decode_latent
         return run(model32, x, tiling.TilingOptions())

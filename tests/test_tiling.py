@@ -46,7 +46,7 @@ SPLITS = [(24, 3), (16, 1), (1024, 2)]
 @pytest.mark.parametrize("tile,chunk", SPLITS)
 def test_seamless_encode_equals_untiled(model, tile, chunk):
     x = video(1, 9, 32, 40, seed=1)
-    ref = model.encode_moments(x)
+    ref = model.encoder_output(x)
     out = tiling.encode_moments(model, x, tiling.TilingOptions(tile_size=tile, chunk_frames=chunk))
     assert out.shape == ref.shape and out.device.type == "cpu" and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=EXACT, rtol=0)
@@ -55,7 +55,7 @@ def test_seamless_encode_equals_untiled(model, tile, chunk):
 @pytest.mark.parametrize("tile,chunk", SPLITS)
 def test_seamless_decode_equals_untiled(model, tile, chunk):
     z = torch.randn(1, model.latent_channels, 3, 4, 6, generator=torch.Generator().manual_seed(3))
-    ref = model.decode_latent(z)
+    ref = model.decoder_output(z)
     out = tiling.decode_latent(model, z, tiling.TilingOptions(tile_size=tile, chunk_frames=chunk))
     assert out.shape == ref.shape == (1, 3, 9, 32, 48)
     torch.testing.assert_close(out, ref, atol=EXACT, rtol=0)
@@ -68,9 +68,9 @@ def test_automatic_cpu_pieces_equal_untiled(sd_model, monkeypatch):
     """The default plan on CPU (pieces capped in bytes, per layer), forced small, in a batch of 2."""
     monkeypatch.setattr(planner, "CPU_PIECE_BYTES", 20_000)
     x = torch.cat([video(1, 5, 24, 32, seed=s) for s in (2, 3)])
-    torch.testing.assert_close(tiling.encode_moments(sd_model, x), sd_model.encode_moments(x), atol=EXACT, rtol=0)
+    torch.testing.assert_close(tiling.encode_moments(sd_model, x), sd_model.encoder_output(x), atol=EXACT, rtol=0)
     z = sd_model.encode(x)
-    torch.testing.assert_close(tiling.decode_latent(sd_model, z), sd_model.decode_latent(z), atol=EXACT, rtol=0)
+    torch.testing.assert_close(tiling.decode_latent(sd_model, z), sd_model.decoder_output(z), atol=EXACT, rtol=0)
 
 
 def _norm_inputs(model, x, decode):
@@ -84,7 +84,7 @@ def _norm_inputs(model, x, decode):
                 stats[mod_id] = (mean, var)
             hooks.append(m.register_forward_pre_hook(hook))
     with torch.no_grad():
-        model.decode_latent(x) if decode else model.encode_moments(x)
+        model.decoder_output(x) if decode else model.encoder_output(x)
     for h in hooks:
         h.remove()
     return stats
@@ -141,7 +141,7 @@ BUDGET = {"encode": 800_000, "decode": 1_500_000}
 @pytest.mark.parametrize("what", ["encode", "decode"])
 def test_a_device_budget_splits_the_stores_exactly(model, what):
     x = clip(model, what, 3)
-    ref = model.encode_moments(x) if what == "encode" else model.decode_latent(x)
+    ref = model.encoder_output(x) if what == "encode" else model.decoder_output(x)
     out, report = run_reported(model, what, x, tile_size=24, chunk_frames=3, memory_budget=BUDGET[what])
     assert psnr(out, ref) >= 100
     stores = len(executor.Program((model.encoder if what == "encode" else model.decoder).layers(),
@@ -171,7 +171,7 @@ def test_the_device_peak_does_not_grow_with_the_clip(sd_model, what):
 @pytest.mark.parametrize("what", ["encode", "decode"])
 def test_recomputing_resnet_intermediates_is_exact_and_saves_host_memory(model, what):
     x = clip(model, what, 3)
-    ref = model.encode_moments(x) if what == "encode" else model.decode_latent(x)
+    ref = model.encoder_output(x) if what == "encode" else model.decoder_output(x)
     opts = dict(tile_size=24, chunk_frames=3, memory_budget=1000)  # every layer output in host memory
     _, stored = run_reported(model, what, x, recompute=False, **opts)
     out, report = run_reported(model, what, x, recompute=True, **opts)
@@ -191,7 +191,7 @@ def test_short_host_memory_makes_the_plan_recompute(sd_model):
     assert short.recompute and "recomputed" in short.describe()
     assert tiling.estimate_memory(sd_model, tiling.DECODE, x.shape, short).host < host
     out, report = run_reported(sd_model, "decode", x, memory_budget=BUDGET["decode"], host_memory_budget=host // 2)
-    assert report.plan == short and psnr(out, sd_model.decode_latent(x)) >= 100
+    assert report.plan == short and psnr(out, sd_model.decoder_output(x)) >= 100
 
 
 def test_automatic_pieces_under_a_device_budget(sd_model):
@@ -200,13 +200,13 @@ def test_automatic_pieces_under_a_device_budget(sd_model):
     out, report = run_reported(sd_model, "encode", x, memory_budget=1_000_000)
     assert report.plan.piece_bytes == int(1_000_000 * planner.PIECE_SHARE) and report.plan.host
     assert report.device_peak <= 1_000_000
-    assert psnr(out, sd_model.encode_moments(x)) >= 100
+    assert psnr(out, sd_model.encoder_output(x)) >= 100
 
 
 def test_the_whole_clip_plan_is_the_untiled_pass(model):
     x = video(1, 5, 24, 32, seed=4)
     out = tiling._seamless(model, x, tiling.TilingOptions(), tiling.ENCODE, tiling.Plan(), None)
-    assert torch.equal(out, model.encode_moments(x))
+    assert torch.equal(out, model.encoder_output(x))
     # one piece per layer streamed: the same to rounding
     one_piece = tiling.encode_moments(model, x, tiling.TilingOptions(tile_size=64, chunk_frames=8))
     torch.testing.assert_close(one_piece, out, atol=EXACT, rtol=0)
@@ -314,7 +314,7 @@ def test_official_mode_equals_the_official_algorithm(model):
     torch.testing.assert_close(tiling.encode_moments(model, x, opts), enc_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(tiling.decode_latent(model, z, opts), dec_ref, atol=1e-6, rtol=0)
     # and it is a different function from the untiled model (why seamless exists)
-    assert (enc_ref - model.encode_moments(x)).abs().max() > 1e-2
+    assert (enc_ref - model.encoder_output(x)).abs().max() > 1e-2
 
 
 def test_official_mode_rejects_tile_sizes_the_official_code_misaligns(model):
@@ -342,7 +342,7 @@ def _fail_above(monkeypatch, max_voxels):
 
 def test_out_of_memory_retries_with_smaller_pieces(sd_model, monkeypatch):
     x = video(1, 9, 16, 24, seed=8)
-    ref = sd_model.encode_moments(x)
+    ref = sd_model.encoder_output(x)
     sizes = _fail_above(monkeypatch, 4 * 18 * 26)  # conv_in input (time- and space-padded) up to 4 frames fits
     out = tiling.encode_moments(sd_model, x, tiling.TilingOptions(chunk_frames=16))
     first = [t for t, h, w in sizes if (h, w) == (18, 26)]

@@ -82,7 +82,7 @@ def test_regularization_term_reaches_the_encoder(image_vae_file, tmp_path):
     assert "rec2d_l1" in logs_on and "rec2d_l1" not in logs_off
     trainer.model.zero_grad()
     gen = torch.Generator().manual_seed(1)
-    mean, logvar = trainer.model.split_moments(trainer.model.encode_moments(x))
+    mean, logvar = trainer.model.split_moments(trainer.model.encoder_output(x))
     target, _ = regularization_targets(x, "random", gen, trainer.model.config.time_compression)
     trainer.loss.nll(trainer.loss.pixel_loss(target, trainer.image_vae.decode_video(mean)), trainer.loss.logvar_2d).backward()
     assert trainer.model.encoder.conv_in.weight.grad.abs().sum() > 0

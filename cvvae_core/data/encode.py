@@ -395,7 +395,7 @@ class _BatchEncoder:
     @torch.no_grad()
     def _encode(self):
         video = to_model_range(torch.stack([c.pop("pixels") for c in self.pending])).to(self.device)
-        moments = self.model.encode_moments(video) if self.tiling is None else \
+        moments = self.model.encoder_output(video) if self.tiling is None else \
             self.tiling.encode_moments(self.model, video)
         mean, logvar = self.model.split_moments(moments.float())
         for i, record in enumerate(self.pending):

@@ -152,12 +152,14 @@ class CVVAE(nn.Module):
         return next(self.parameters()).dtype
 
     # Plain (untiled) passes: whole clip at once ------------------------------------------
-    def encode_moments(self, video: torch.Tensor) -> torch.Tensor:
-        """Raw encoder output [B, 2C, 1+k, h, w] for a validated video, no tiling."""
+    def encoder_output(self, video: torch.Tensor) -> torch.Tensor:
+        """Raw encoder output [B, 2C, 1+k, h, w] (mean, logvar) for a validated video, untiled: in the
+        model's dtype on its device (the tiling engine's ``encode_moments`` gives float32 on its
+        output device)."""
         return self.encoder(video.to(self.device, self.dtype))
 
-    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        """Raw decoder output for a validated latent, no tiling."""
+    def decoder_output(self, latent: torch.Tensor) -> torch.Tensor:
+        """Raw decoder output for a validated latent, untiled, in the model's dtype on its device."""
         return self.decoder(latent.to(self.device, self.dtype))
 
     @staticmethod
@@ -169,10 +171,10 @@ class CVVAE(nn.Module):
     def encode_distribution(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (mean, logvar) of a [B, 3, 1+4k, H, W] video in [-1, 1]."""
         frame_rules.check_video(video, self.config)
-        return self.split_moments(self.encode_moments(video))
+        return self.split_moments(self.encoder_output(video))
 
     def _encode_moments(self, video: torch.Tensor, tiling) -> torch.Tensor:
-        return self.encode_moments(video) if tiling is None else tiling.encode_moments(self, video)
+        return self.encoder_output(video) if tiling is None else tiling.encode_moments(self, video)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
@@ -208,13 +210,13 @@ class CVVAE(nn.Module):
         :meth:`encode`."""
         latent, adjust = frame_rules.unwrap(latent)
         frame_rules.check_latent(latent, self.config)
-        video = self.decode_latent(latent) if tiling is None else tiling.decode_latent(self, latent)
+        video = self.decoder_output(latent) if tiling is None else tiling.decode_latent(self, latent)
         return frame_rules.restore(video, adjust)
 
     def forward(self, video: torch.Tensor, generator: torch.Generator | None = None):
         """Training pass: (reconstruction, mean, logvar) with a sampled latent."""
-        mean, logvar = self.split_moments(self.encode_moments(video))
-        return self.decode_latent(sample_posterior(mean, logvar, generator)), mean, logvar
+        mean, logvar = self.split_moments(self.encoder_output(video))
+        return self.decoder_output(sample_posterior(mean, logvar, generator)), mean, logvar
 
 
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,

@@ -204,9 +204,10 @@ def _linear_1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
-class SpatialAttention(nn.Module):
-    """Single-head self-attention over the H*W positions of each frame (head dim = C), with a
-    per-frame GroupNorm in front and a residual connection.
+class SpaceTimeAttention(nn.Module):
+    """The mid-block attention: single-head self-attention over the H*W positions of each frame
+    (head dim = C), with a per-frame GroupNorm in front and a residual connection; in the SD
+    decoder followed by attention across time.
 
     With ``temporal=True`` (SD decoder, the official ``MemoryEfficientAttnVideoBlock``) the
     projected spatial output is passed through LayerNorm and single-head attention *across time*
@@ -263,6 +264,6 @@ def mid_block(channels: int, causal: bool, cfg: CVVAEConfig, temporal: bool) -> 
     """ResNet block, attention, ResNet block at the lowest resolution (run in that order)."""
     mid = nn.Module()
     mid.block_1 = ResnetBlock(channels, channels, causal, cfg)
-    mid.attn_1 = SpatialAttention(channels, cfg, temporal)
+    mid.attn_1 = SpaceTimeAttention(channels, cfg, temporal)
     mid.block_2 = ResnetBlock(channels, channels, causal, cfg)
     return mid

@@ -14,7 +14,7 @@ piece, and each step's output is kept whole (a *store*) until the steps that rea
   No state is carried between pieces.
 * A store that feeds a GroupNorm sums its statistics (count, mean, M2 per batch x group; float64,
   Chan's merge) while it is written, so every norm normalises with the exact clip-wide statistics.
-* Attention is frame-local in space and position-local in time (see ``SpatialAttention``): its
+* Attention is frame-local in space and position-local in time (see ``SpaceTimeAttention``): its
   spatial part runs on time chunks of whole frames, its temporal part on tiles of whole sequences.
 
 Each store lives in a tier, the compute device or host memory (:mod:`.tiers`), in the compute
@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import UnsupportedLayerError
 from .tiers import DEVICE, HOST, HostLink, Ledger, StorePool
-from ..model.layers import ClipPadding, FrameConv2d, GroupNormSiLU, ResnetBlock, SpatialAttention, Upsample, WindowConv3d
+from ..model.layers import ClipPadding, FrameConv2d, GroupNormSiLU, ResnetBlock, SpaceTimeAttention, Upsample, WindowConv3d
 
 Range = tuple[int, int]
 Box = tuple[Range, Range, Range]  # a piece: half-open frames, rows, columns
@@ -233,10 +233,10 @@ class UpsampleStep(Step):
 
 @dataclass
 class AttentionSpatialStep(Step):
-    """``S(x)`` of a ``SpatialAttention`` on time chunks of whole frames (plus ``x`` when the
+    """``S(x)`` of a ``SpaceTimeAttention`` on time chunks of whole frames (plus ``x`` when the
     block has no temporal part)."""
 
-    attn: SpatialAttention = None
+    attn: SpaceTimeAttention = None
 
     def out_shape(self, src):
         return src
@@ -258,7 +258,7 @@ class AttentionSpatialStep(Step):
 class AttentionTemporalStep(Step):
     """``x + T(S(x))`` on spatial tiles of whole sequences: ``src`` holds S(x), ``residual`` x."""
 
-    attn: SpatialAttention = None
+    attn: SpaceTimeAttention = None
 
     def out_shape(self, src):
         return src
@@ -357,7 +357,7 @@ def _build_upsample(prog: Program, name: str, up: Upsample):
     prog.add(UpsampleStep(name, prog.current, up=up))
 
 
-def _build_attention(prog: Program, name: str, attn: SpatialAttention):
+def _build_attention(prog: Program, name: str, attn: SpaceTimeAttention):
     x = prog.current
     prog.add(AttentionSpatialStep(f"{name}.spatial", x, attn=attn, split=(True, False, False)))
     if attn.temporal:
@@ -371,7 +371,7 @@ _BUILDERS: dict[type, Callable] = {
     GroupNormSiLU: _build_norm,
     ResnetBlock: _build_resnet,
     Upsample: _build_upsample,
-    SpatialAttention: _build_attention,
+    SpaceTimeAttention: _build_attention,
 }
 
 

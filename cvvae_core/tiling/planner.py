@@ -77,7 +77,7 @@ class Direction:
         return b, cfg.in_channels, cfg.video_frames(t), h * s, w * s
 
     def untiled(self, model, x: torch.Tensor) -> torch.Tensor:
-        return model.encode_moments(x) if self.name == "encode" else model.decode_latent(x)
+        return model.encoder_output(x) if self.name == "encode" else model.decoder_output(x)
 
 
 ENCODE = Direction("encode", "encoder", "pixels")

@@ -147,7 +147,7 @@ def single_frame_gap(model: CVVAE, image_vae: ImageVAE, images: torch.Tensor) ->
     z_img = image_vae.encode(images)
     z_vid = model.encode_distribution(images.unsqueeze(2))[0][:, :, 0]
     x_img = image_vae.decode(z_img)
-    x_vid = model.decode_latent(z_img.unsqueeze(2))[:, :, 0]
+    x_vid = model.decoder_output(z_img.unsqueeze(2))[:, :, 0]
     return {"latent_max_abs": float((z_img - z_vid).abs().max()),
             "latent_scale": float(z_img.abs().max()),
             "recon_max_abs": float((x_img - x_vid).abs().max()),

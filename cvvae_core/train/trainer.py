@@ -27,7 +27,7 @@ from ..io.image_vae_file import load_image_vae, save_image_vae
 from ..metrics import psnr, ssim
 from ..model.cvvae import CVVAE, sample_posterior
 from ..model.image_vae import ImageVAE, ImageVAEConfig, MidBlock2D, ResnetBlock2D
-from ..model.layers import ResnetBlock, SpatialAttention
+from ..model.layers import ResnetBlock, SpaceTimeAttention
 from .compatibility import compat_report
 from .config import TrainConfig
 from .inflate import inflate, video_config
@@ -46,7 +46,7 @@ def checkpoint_blocks(model: nn.Module) -> int:
     recompute their activations in the backward pass instead of keeping them (memory for compute).
     Wraps the blocks' forward from outside, so the model's code and state dict are untouched.
     Returns the count wrapped."""
-    kinds = (ResnetBlock, SpatialAttention, ResnetBlock2D, MidBlock2D)
+    kinds = (ResnetBlock, SpaceTimeAttention, ResnetBlock2D, MidBlock2D)
     wrapped = []
     for module in model.modules():
         if isinstance(module, kinds) and not any(module in set(w.modules()) for w in wrapped):
@@ -81,8 +81,8 @@ class TrainStep(nn.Module):
                 mean, logvar = self.model.encode_distribution(x)
                 x_hat = self.model.decode(self._sample(mean, logvar, seeds, "posterior"))
             else:
-                mean, logvar = self.model.split_moments(self.model.encode_moments(x))
-                x_hat = self.model.decode_latent(self._sample(mean, logvar, seeds, "posterior"))
+                mean, logvar = self.model.split_moments(self.model.encoder_output(x))
+                x_hat = self.model.decoder_output(self._sample(mean, logvar, seeds, "posterior"))
                 if cfg.loss.rec2d_weight > 0:
                     # One target draw per step, shared by the global batch (the official rule).
                     gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, "targets") % 2 ** 63)
