@@ -1,4 +1,4 @@
-"""README's compatibility table, regenerated: the image decoder on the video latent, per model.
+"""The compatibility tables of docs/compatibility.md, regenerated: the image decoder on the video latent, per model.
 
     python bench/bench_compat.py                                    # shipped model, inflated start, ceiling
     python bench/bench_compat.py --noreg runs/cvvae_noreg/checkpoint   # + the no-regularization ablation

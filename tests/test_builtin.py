@@ -10,7 +10,7 @@ from cvvae_core.io.image_vae_file import load_image_vae
 from cvvae_core.metrics import psnr, ssim
 from cvvae_core.data.synthetic import SyntheticConfig, generate_clip
 
-# Floors, stated: the measured values on these clips (see the README section "Built-in model and
+# Floors, stated: the measured values on these clips (see docs/training.md, "Built-in model and
 # training") minus a margin for platform differences. They fail for random or untrained weights.
 # Measured (fp16 weights, CPU): recon 23.49 dB on synthetic 1000 (9 frames); image decoder on the
 # video latent 21.16 dB on synthetic 1001 (9 frames). The no-regularization ablation gives 16.50 dB
