@@ -1,7 +1,7 @@
 """The resize filter of the one video reader, measured: FFmpeg's area filter (``frame.reformat``,
 in the decode loop) against torch's antialiased bilinear on decoded full-size frames, on real clips.
 
-    python bench/bench_video_read.py /work/shared/data/videos/pexels-19216241-1280x720-30fps.mp4
+    python bench/bench_video_read.py ../shared/data/videos/pexels-19216241-1280x720-30fps.mp4
 
 Prints, per target size: seconds to read ``--frames`` frames each way (best of --repeats), the PSNR
 between the two results, and the built-in CV-VAE's reconstruction PSNR on each (what the filter
