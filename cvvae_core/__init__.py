@@ -6,14 +6,14 @@
     video = vae.decode(z)
 """
 from ._version import __version__
-from .io.checkpoint import load_model, read_state_dict, save_model
-from .spec import PRESETS, SD, SD3, CVVAEConfig
-from .errors import (CancelledError, ChannelMismatchError, CheckpointCorruptError, CheckpointError,
-                     CheckpointKeyError, CheckpointNotFoundError, CVVAEError, DatasetRunMismatchError, LatentShardError,
-                     ForeignCheckpointError, FrameCountError, InputError, OutOfMemoryError, PickleRefusedError)
-from .model.frames import FrameAdjustment, FramedLatent
 from .data.latent_dataset import LatentDataset
+from .errors import (CancelledError, ChannelMismatchError, CheckpointCorruptError, CheckpointError, CheckpointKeyError,
+                     CheckpointNotFoundError, CVVAEError, DatasetRunMismatchError, ForeignCheckpointError,
+                     FrameCountError, InputError, LatentShardError, OutOfMemoryError, PickleRefusedError)
+from .io.checkpoint import load_model, read_state_dict, save_model
 from .model.cvvae import CVVAE
+from .model.frames import FrameAdjustment, FramedLatent
+from .spec import PRESETS, SD, SD3, CVVAEConfig
 
 __all__ = [
     "__version__", "load_model", "save_model", "read_state_dict", "CVVAE", "CVVAEConfig", "PRESETS", "SD", "SD3",

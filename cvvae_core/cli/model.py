@@ -14,8 +14,8 @@ from ..devices import DTYPES, resolve_device, resolve_dtype
 from ..distributed import TileGroup, join_ranks
 from ..errors import CheckpointError, DistributedRunError, InputError, OutOfMemoryError, VideoFileError
 from ..io.checkpoint import build_model, load_model, read_state_dict
-from ..io.video import check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png, \
-    write_video
+from ..io.video import (check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png,
+                        write_video)
 from ..progress import TextProgress
 from ..tiling import TilingOptions
 from .args import SIZE_RULE, argument_errors, describe_crop, device_name, frame_count, int_at_least, side, size_hw

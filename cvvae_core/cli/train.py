@@ -10,8 +10,8 @@ import torch
 from ..devices import resolve_device
 from ..errors import CheckpointError, CVVAEError
 from ..spec import IMAGE_FAMILIES
-from ..train.plot import plot_run
 from ..train.config import TrainConfig
+from ..train.plot import plot_run
 from ..train.run import train
 from .args import argument_errors, device_name, int_at_least
 

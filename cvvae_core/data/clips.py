@@ -43,6 +43,7 @@ from ..errors import InputError, TrainConfigError, TrainingDataError, VideoFileE
 from ..io.video import Crop, probe_video, read_frames, to_model_range
 from .manifest import Source, list_sources
 from .synthetic import SyntheticConfig, generate_clip
+
 #: Draws of one sample before the data source is declared broken (each failure is logged).
 MAX_ATTEMPTS = 16
 

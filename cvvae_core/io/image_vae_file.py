@@ -21,9 +21,9 @@ from ..errors import (CheckpointCorruptError, CheckpointKeyError, CheckpointNotF
                       UnknownImageFamilyError)
 from ..model.image_vae import ImageVAE, ImageVAEConfig
 from ..spec import DEFAULT_FAMILY, IMAGE_FAMILIES, family_of
-from .builtin import builtin_image_vae_path, is_builtin
 from . import keymap
 from .architecture import architecture
+from .builtin import builtin_image_vae_path, is_builtin
 from .checkpoint import WEIGHTS_NAME
 from .files import read_safetensors, write_safetensors
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import frames as frame_rules
 from ..spec import CVVAEConfig
-from .layers import (ResnetBlock, Upsample, causal_conv3d, decoder_conv3d, downsample_conv3d, group_norm_silu,
-                     mid_block)
+from . import frames as frame_rules
+from .layers import ResnetBlock, Upsample, causal_conv3d, decoder_conv3d, downsample_conv3d, group_norm_silu, mid_block
 
 LOGVAR_RANGE = (-30.0, 20.0)
 

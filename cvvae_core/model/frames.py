@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..spec import CVVAEConfig, cvvae_owner
 from ..errors import ChannelMismatchError, FrameCountError, InputError
+from ..spec import CVVAEConfig, cvvae_owner
 
 POLICIES = ("error", "pad", "trim")
 

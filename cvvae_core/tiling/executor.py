@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedLayerError
+from ..model.layers import (ClipPadding, FrameConv2d, GroupNormSiLU, ResnetBlock, SpaceTimeAttention, Upsample,
+                            WindowConv3d)
 from .tiers import DEVICE, HOST, HostLink, Ledger, StorePool
-from ..model.layers import ClipPadding, FrameConv2d, GroupNormSiLU, ResnetBlock, SpaceTimeAttention, Upsample, WindowConv3d
 
 Range = tuple[int, int]
 Box = tuple[Range, Range, Range]  # a piece: half-open frames, rows, columns

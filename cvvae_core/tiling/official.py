@@ -13,10 +13,10 @@ import math
 
 import torch
 
+from ..errors import InputError
 from .meter import Meter
 from .planner import ENCODE, Direction
 from .tiers import finish, output_buffer
-from ..errors import InputError
 
 #: Official release tiling parameters (``CVVAEModel`` constructor defaults).
 OFFICIAL_TILE = 576

@@ -38,15 +38,15 @@ from typing import Callable
 
 import torch
 
+from ..distributed import TileGroup
+from ..errors import InputError, OutOfMemoryError
 from . import executor as ex
 from .meter import PROGRESS_UNITS, Meter
 from .official import OFFICIAL_CHUNK, OFFICIAL_OVERLAP, OFFICIAL_TILE, run_official
-from .planner import (DECODE, ENCODE, FREE_MEMORY_SHARE, STAGING_SLOTS, Direction, MemoryEstimate, Plan,
-                      choose_plan, elem_size, estimate_memory, estimate_program, free_bytes, piece_sizes,
-                      smaller_plan, staging_slot_bytes, step_work)
+from .planner import (DECODE, ENCODE, FREE_MEMORY_SHARE, STAGING_SLOTS, Direction, MemoryEstimate, Plan, choose_plan,
+                      elem_size, estimate_memory, estimate_program, free_bytes, piece_sizes, smaller_plan,
+                      staging_slot_bytes, step_work)
 from .tiers import DEVICE, HOST, HostLink, Ledger, finish, output_buffer
-from ..distributed import TileGroup
-from ..errors import InputError, OutOfMemoryError
 
 log = logging.getLogger(__name__)
 

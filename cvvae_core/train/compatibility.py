@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
+from ..data.synthetic import SyntheticConfig, generate_clip
 from ..errors import InputError
-from ..model.image_vae import ImageVAE
+from ..io.video import read_video, to_model_range
 from ..metrics import psnr, ssim
 from ..model.cvvae import CVVAE
 from ..model.frames import conform
+from ..model.image_vae import ImageVAE
 from ..spec import CVVAEConfig
-from ..data.synthetic import SyntheticConfig, generate_clip
-from ..io.video import read_video, to_model_range
 
 
 def load_clip(spec: str, frames: int = 17, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -32,11 +32,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import CVVAEConfig
-from ..model.image_vae import ImageVAE
-from ..model.cvvae import CVVAE
 from ..data.synthetic import SyntheticConfig, generate_batch
 from ..metrics import psnr
+from ..model.cvvae import CVVAE
+from ..model.image_vae import ImageVAE
+from ..spec import CVVAEConfig
 
 TEMPORAL_ATTN = "decoder.mid.attn_1."
 TEMPORAL_NAMES = ("norm_t", "q_t", "k_t", "v_t", "proj_out_t")
