@@ -100,8 +100,35 @@ def family_of(scaling_factor: float, shift_factor: float) -> str | None:
     return next((f.name for f in IMAGE_FAMILIES.values() if f.scaling == (scaling_factor, shift_factor)), None)
 
 
+class LevelledVAEConfig:
+    """What the CV-VAE's and the image VAE's configurations share: levels of ``base_channels *
+    channel_mult[i]`` channels, GroupNorm over ``norm_groups``, and the dict form files store."""
+
+    def _check_levels(self):
+        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        for ch in self.level_channels:
+            if ch % self.norm_groups:
+                raise ValueError(f"channels {ch} not divisible by norm_groups {self.norm_groups}")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mult)
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * m for m in self.channel_mult)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass(frozen=True)
-class CVVAEConfig:
+class CVVAEConfig(LevelledVAEConfig):
     """Architecture of a CV-VAE.
 
     ``variant`` selects the key layout and the numerical flavour of the official code:
@@ -134,20 +161,9 @@ class CVVAEConfig:
             object.__setattr__(self, "scaling_factor", scale)
         if self.shift_factor is None:
             object.__setattr__(self, "shift_factor", shift)
-        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        for ch in self.level_channels:
-            if ch % self.norm_groups:
-                raise ValueError(f"channels {ch} not divisible by norm_groups {self.norm_groups}")
+        self._check_levels()
 
     # Derived properties -------------------------------------------------------------------
-    @property
-    def num_levels(self) -> int:
-        return len(self.channel_mult)
-
-    @property
-    def level_channels(self) -> tuple[int, ...]:
-        return tuple(self.base_channels * m for m in self.channel_mult)
-
     @property
     def norm_eps(self) -> float:
         return 1e-5 if self.variant == "sd" else 1e-6
@@ -186,14 +202,6 @@ class CVVAEConfig:
 
     def video_frames(self, latent_frames: int) -> int:
         return 1 + (latent_frames - 1) * self.time_compression
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CVVAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 #: The released configurations (the official constructor defaults, see the official

@@ -9,19 +9,18 @@ the latent regularization (:mod:`cvvae_core.train.losses`) and its weights initi
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spec import IMAGE_FAMILIES
+from ..spec import IMAGE_FAMILIES, LevelledVAEConfig
 from .cvvae import LOGVAR_RANGE, sample_posterior
 
 
 @dataclass(frozen=True)
-class ImageVAEConfig:
+class ImageVAEConfig(LevelledVAEConfig):
     latent_channels: int = 4
     in_channels: int = 3
     base_channels: int = 128
@@ -34,26 +33,7 @@ class ImageVAEConfig:
     shift_factor: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        for ch in self.level_channels:
-            if ch % self.norm_groups:
-                raise ValueError(f"channels {ch} not divisible by norm_groups {self.norm_groups}")
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.channel_mult)
-
-    @property
-    def level_channels(self) -> tuple[int, ...]:
-        return tuple(self.base_channels * m for m in self.channel_mult)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ImageVAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        self._check_levels()
 
 
 class ResnetBlock2D(nn.Module):
