@@ -64,8 +64,8 @@ class CVVAEFirstStage(nn.Module):
     """
 
     #: ``memory_used_decode`` is the estimate the engine plans by, for the plan :meth:`decode` then
-    #: runs (on an H200 it was above the measured peak: 30.5 vs 25.8 GiB, untiled 17 frames at
-    #: 576x1024), so when even that exceeds free memory the newest ComfyUI tiles straight away.
+    #: runs (it counts every layer output and piece the engine holds), so when even that exceeds free
+    #: memory the newest ComfyUI tiles straight away.
     comfy_decode_estimate_is_reliable = True
 
     @property
@@ -74,8 +74,7 @@ class CVVAEFirstStage(nn.Module):
         engine writes the decoded clip into CPU RAM piece by piece, and it is then copied once into
         ComfyUI's preallocated output, where ComfyUI would otherwise copy it twice (into a fresh tensor,
         then into its output). On one device the preallocated buffer would only sit next to the
-        decoder's own output: measured in ComfyUI 0.33 on CPU with the untiled decoder, core VAE Decode
-        of 25 frames at 576x1024 peaked 128 MiB higher with it."""
+        decoder's own output and raise the peak (docs/comfyui.md, "Preallocated output")."""
         return self.cvvae.device != torch.device(mm.intermediate_device())
 
     def __init__(self, cvvae, output_device):

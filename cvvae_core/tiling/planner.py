@@ -27,10 +27,8 @@ import torch
 
 from . import executor as ex
 
-#: Working memory of one piece on CPU. Measured (release-size vae3d encode, 17 frames, 2-core AMD
-#: EPYC): pieces of 24 MB took 2.3-2.6x the CPU time of 384 MB ones at 128x128 (convolutions on
-#: small tiles and short chunks lose most of their efficiency); 96-128 MB pieces took 7-12% more
-#: than 384-512 MB ones at 128x128 and 256x256.
+#: Working memory of one piece on CPU: convolutions on small tiles and short chunks lose most of
+#: their efficiency there (measurements: docs/engine.md, "Piece size on CPU").
 CPU_PIECE_BYTES = 512 << 20
 #: Largest piece working memory a budgeted CUDA plan takes: beyond it pieces gain little and take
 #: room from the device tier.
