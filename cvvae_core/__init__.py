@@ -9,7 +9,8 @@ from ._version import __version__
 from .data.latent_dataset import LatentDataset
 from .errors import (CancelledError, ChannelMismatchError, CheckpointCorruptError, CheckpointError, CheckpointKeyError,
                      CheckpointNotFoundError, CVVAEError, DatasetRunMismatchError, ForeignCheckpointError,
-                     FrameCountError, InputError, LatentShardError, OutOfMemoryError, PickleRefusedError)
+                     FrameCountError, InputError, LatentShardError, MemoryBudgetError, OutOfMemoryError,
+                     PickleRefusedError)
 from .io.checkpoint import load_model, read_state_dict, save_model
 from .model.cvvae import CVVAE
 from .model.frames import FrameAdjustment, FramedLatent
@@ -19,6 +20,6 @@ __all__ = [
     "__version__", "load_model", "save_model", "read_state_dict", "CVVAE", "CVVAEConfig", "PRESETS", "SD", "SD3",
     "FrameAdjustment", "FramedLatent", "LatentDataset", "CVVAEError", "CheckpointError", "CheckpointNotFoundError",
     "CheckpointCorruptError", "PickleRefusedError", "ForeignCheckpointError", "CheckpointKeyError", "InputError",
-    "FrameCountError", "ChannelMismatchError", "OutOfMemoryError", "CancelledError", "DatasetRunMismatchError",
+    "FrameCountError", "ChannelMismatchError", "OutOfMemoryError", "MemoryBudgetError", "CancelledError", "DatasetRunMismatchError",
     "LatentShardError",
 ]

@@ -1,4 +1,5 @@
 """Typed errors. Every message says what was found and what to do about it."""
+import torch
 
 
 class CVVAEError(Exception):
@@ -54,8 +55,22 @@ class ChannelMismatchError(InputError):
     """A latent with the wrong number of channels for this model (4 = SD, 16 = SD3)."""
 
 
-class OutOfMemoryError(CVVAEError, RuntimeError):
-    """The device ran out of memory even at the smallest tile/chunk size."""
+class OutOfMemoryError(CVVAEError, torch.OutOfMemoryError):
+    """The device ran out of memory even at the smallest tile/chunk size. A ``torch.OutOfMemoryError``
+    (``torch.cuda.OutOfMemoryError``), so host applications that recognise PyTorch's out-of-memory
+    error (ComfyUI's fallbacks) recognise this one too."""
+
+
+class MemoryBudgetError(CVVAEError, RuntimeError):
+    """No exact plan fits ``memory_budget`` / ``host_memory_budget`` (and the disk tier, when one is
+    named): raised before any work. ``device_needed`` / ``host_needed`` are the smallest peaks
+    (bytes) the engine found, next to the budgets it was given."""
+
+    def __init__(self, message: str, *, device_needed: int = 0, host_needed: int = 0,
+                 device_budget: int | None = None, host_budget: int | None = None):
+        super().__init__(message)
+        self.device_needed, self.host_needed = device_needed, host_needed
+        self.device_budget, self.host_budget = device_budget, host_budget
 
 
 class CancelledError(CVVAEError):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,6 +93,9 @@ class TilingOptions:
     recompute: bool | None = None
     # Called after each seamless pass with a RunReport (plan, estimate, measured peaks).
     report: Callable[[RunReport], None] | None = None
+    # A folder for layer outputs that fit neither the device nor host memory (memory-mapped files,
+    # removed when the pass ends). None: no disk tier; a plan that does not fit is refused.
+    disk_dir: str | os.PathLike | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
