@@ -44,7 +44,7 @@ import comfy.sd
 
 from ..cvvae_core import load_model, tiling
 from ..cvvae_core.devices import DTYPES
-from ..cvvae_core.errors import FrameCountError
+from ..cvvae_core.errors import FrameCountError, MemoryBudgetError
 from ..cvvae_core.model.frames import check_latent
 from ..cvvae_core.tiling.planner import FREE_MEMORY_SHARE, MIN_TILE
 from . import runtime
@@ -163,9 +163,11 @@ class CVVAEFirstStage(nn.Module):
         tile = max(shape[3:]) * s
         while tile > MIN_TILE:
             opts = runtime.engine_options(tile_size=tile, output_device=self.output_device, memory_budget=budget)
-            plan = tiling.plan_for(self.cvvae, tiling.DECODE, shape, opts, budget=budget)
-            if tiling.estimate_memory(self.cvvae, tiling.DECODE, shape, plan, opts.output_device).total <= budget:
+            try:
+                tiling.plan_for(self.cvvae, tiling.DECODE, shape, opts, budget=budget)
                 break
+            except MemoryBudgetError:
+                pass
             tile = max(MIN_TILE, tile // 2 // s * s)
         return tile // s
 

@@ -155,29 +155,27 @@ def test_a_device_budget_splits_the_stores_exactly(model, what):
 
 
 @pytest.mark.parametrize("what", ["encode", "decode"])
-def test_the_device_peak_does_not_grow_with_the_clip(sd_model, what):
-    """A longer clip moves more layer outputs to host memory; the device holds the same (the float32
-    result, on this one-memory machine counted on the device too, is the caller's and not compared)."""
-    peaks = []
+def test_a_longer_clip_keeps_to_the_device_budget(sd_model, what):
+    """A longer clip moves more layer outputs to host memory; the device stays within its budget."""
+    budget = BUDGET[what] + (600_000 if what == "decode" else 0)
+    hosts = []
     for frames in (2, 5):
         _, report = run_reported(sd_model, what, clip(sd_model, what, frames), tile_size=24, chunk_frames=3,
-                                 memory_budget=BUDGET[what] + (600_000 if what == "decode" else 0))
-        assert report.device_peak <= BUDGET[what] + (600_000 if what == "decode" else 0)
-        peaks.append((report.device_peak - report.estimate.io, report.host_peak))
-    (short_device, short_host), (long_device, long_host) = peaks
-    assert long_device <= 1.1 * short_device and long_host > 2 * short_host, peaks
+                                 memory_budget=budget)
+        assert report.device_peak <= budget and report.estimate.total <= budget
+        hosts.append(report.host_peak)
+    assert hosts[1] > 2 * hosts[0], hosts
 
 
 @pytest.mark.parametrize("what", ["encode", "decode"])
-def test_recomputing_resnet_intermediates_is_exact_and_saves_host_memory(model, what):
+def test_recomputing_layer_outputs_is_exact_and_as_estimated(model, what):
     x = clip(model, what, 3)
     ref = model.encoder_output(x) if what == "encode" else model.decoder_output(x)
-    opts = dict(tile_size=24, chunk_frames=3, memory_budget=1000)  # every layer output in host memory
-    _, stored = run_reported(model, what, x, recompute=False, **opts)
+    opts = dict(tile_size=24, chunk_frames=3, memory_budget=int(1.2 * BUDGET[what]))  # recomputing takes work room
     out, report = run_reported(model, what, x, recompute=True, **opts)
     assert psnr(out, ref) >= 100
-    assert report.plan.recompute and all(name.endswith(".conv1") for name in report.plan.recompute)
-    assert report.host_peak < stored.host_peak
+    prog = executor.Program((model.encoder if what == "encode" else model.decoder).layers(), x.shape)
+    assert report.plan.recompute >= {s.name for s in prog.steps if prog.free_to_recompute(s)} != set()
     assert abs(report.estimate.host - report.host_peak) <= 0.1 * report.host_peak
 
 

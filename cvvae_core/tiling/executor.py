@@ -17,10 +17,11 @@ piece, and each step's output is kept whole (a *store*) until the steps that rea
 * Attention is frame-local in space and position-local in time (see ``SpaceTimeAttention``): its
   spatial part runs on time chunks of whole frames, its temporal part on tiles of whole sequences.
 
-Each store lives in a tier, the compute device or host memory (:mod:`.tiers`), in the compute
-dtype, or is not stored at all: a ResNet block's first convolution can be recomputed by the step
-that reads it, from the region of the block's input it needs (the plan decides: :mod:`.planner`).
-The working memory beyond the stores is bounded by the piece size. Adding a layer type means one
+Each store lives in a tier, the compute device, host memory or disk (:mod:`.tiers`), in the compute
+dtype, or is not stored at all: the output of any convolution or upsampler can be *recomputed* by
+the steps that read it, from the regions of its own inputs they need (recursively, when those are
+recomputed too), which keeps those inputs alive until its last reader (:meth:`Program.frees`; the
+plan decides: :mod:`.planner`). The working memory beyond the stores is bounded by the piece size. Adding a layer type means one
 handler here (``_BUILDERS``); a layer without one is refused when the program is built, never run
 wrongly.
 """
@@ -37,7 +38,7 @@ from torch import nn
 from ..errors import UnsupportedLayerError
 from ..model.layers import (ClipPadding, FrameConv2d, GroupNormSiLU, ResnetBlock, SpaceTimeAttention, Upsample,
                             WindowConv3d)
-from .tiers import DEVICE, HOST, HostLink, Ledger, StorePool
+from .tiers import DEVICE, DISK, HOST, HostLink, HostStore, Ledger, StorePool
 
 Range = tuple[int, int]
 Box = tuple[Range, Range, Range]  # a piece: half-open frames, rows, columns
@@ -120,9 +121,9 @@ def _window(out: Range, kernel: int, stride: int, before: int, size: int) -> tup
 class Step:
     """One layer over its whole output. ``src``/``out`` (and ``residual``) are store slots;
     ``norm`` is the GroupNorm + SiLU applied to ``src`` first; ``split`` says which axes of the
-    output (T, H, W) pieces may divide. ``recomputable``: the output is read only by the next step,
-    which also reads this step's source, so that step can recompute what it reads instead of
-    storing it (a ResNet block's first convolution)."""
+    output (T, H, W) pieces may divide. ``recomputable``: any region of the output can be computed
+    from regions of the step's inputs (convolutions, upsamplers; not attention, which needs whole
+    frames or sequences), so readers may recompute it instead of reading a store."""
 
     name: str
     src: int
@@ -130,7 +131,7 @@ class Step:
     norm: GroupNormSiLU | None = None
     residual: int | None = None
     split: tuple[bool, bool, bool] = (True, True, True)
-    recomputable: bool = False
+    recomputable = False
 
     def out_shape(self, src: Shape) -> Shape:
         raise NotImplementedError
@@ -158,6 +159,7 @@ class ConvStep(Step):
 
     conv: nn.Module = None
     shortcut: nn.Module | None = None
+    recomputable = True
 
     def out_shape(self, src):
         (b, _, *sizes), pad = src, self.conv.clip_padding
@@ -189,6 +191,7 @@ class UpsampleStep(Step):
     """Nearest x2 in space, the 3x3x3 convolution, time doubled by channel blocks (first frame dropped)."""
 
     up: Upsample = None
+    recomputable = True
 
     def out_shape(self, src):
         b, c, t, h, w = src
@@ -299,21 +302,53 @@ class Program:
             builder(self, name, layer)
         if self._pending_norm is not None:
             raise UnsupportedLayerError(f"{self._pending_norm[0]!r} (GroupNorm + SiLU) ends the network")
-        # Which stores feed a GroupNorm (their writers sum statistics), and when a store is last read.
+        # Which stores feed a GroupNorm (their writers sum statistics).
         self.norm_of = {s.src: s.norm for s in self.steps if s.norm is not None}
-        self.last_read: dict[int, int] = {}
-        for i, s in enumerate(self.steps):
+        self._producers = {s.out: s for s in self.steps}
+        self.readers: dict[int, list[Step]] = {}
+        for s in self.steps:
             for slot in (s.src, s.residual):
                 if slot is not None:
-                    self.last_read[slot] = i
-        self.frees: list[list[int]] = [[] for _ in self.steps]
-        for slot, last in self.last_read.items():
-            self.frees[last].append(slot)
-        self._producers = {s.out: s for s in self.steps}
+                    self.readers.setdefault(slot, []).append(s)
 
     def producer(self, slot: int) -> Step | None:
         """The step that writes ``slot`` (None for the input)."""
         return self._producers.get(slot)
+
+    def frees(self, recompute: frozenset[str] = frozenset()) -> list[list[int]]:
+        """The slots each step reads for the last time, when the steps named in ``recompute`` are
+        recomputed by their readers (a reader of a recomputed output reads that step's inputs too)."""
+        recomputed = {s.out: s for s in self.steps if s.name in recompute}
+        last: dict[int, int] = {}
+
+        def reads(slot: int, i: int):
+            last[slot] = i
+            producer = recomputed.get(slot)
+            if producer is not None:
+                for inner in (producer.src, producer.residual):
+                    if inner is not None:
+                        reads(inner, i)
+
+        for i, s in enumerate(self.steps):
+            for slot in (s.src, s.residual):
+                if slot is not None:
+                    reads(slot, i)
+        frees: list[list[int]] = [[] for _ in self.steps]
+        for slot, i in last.items():
+            frees[i].append(slot)
+        return frees
+
+    def free_to_recompute(self, step: Step) -> bool:
+        """Whether recomputing ``step`` keeps no input alive longer: its one reader reads the step's
+        own input too (a ResNet block's first convolution, whose input the residual keeps)."""
+        readers = self.readers.get(step.out, [])
+        return (step.recomputable and len(readers) == 1
+                and step.src in (readers[0].src, readers[0].residual) and step is not self.steps[-1])
+
+    def runs(self, step: Step, recompute: frozenset[str]) -> bool:
+        """Whether ``step`` runs over its whole output in its turn: always, unless it is recomputed and
+        no GroupNorm needs the statistics of its output."""
+        return step.name not in recompute or step.out in self.norm_of
 
     @property
     def output_shape(self) -> Shape:
@@ -350,7 +385,7 @@ def _build_resnet(prog: Program, name: str, block: ResnetBlock):
     for part in ("conv1", "conv2"):
         _check_conv(f"{name}.{part}", getattr(block, part))
     x = prog.current
-    h = prog.add(ConvStep(f"{name}.conv1", x, norm=block.norm1, conv=block.conv1, recomputable=True))
+    h = prog.add(ConvStep(f"{name}.conv1", x, norm=block.norm1, conv=block.conv1))
     prog.add(ConvStep(f"{name}.conv2", h, norm=block.norm2, conv=block.conv2, residual=x, shortcut=block.nin_shortcut))
 
 
@@ -399,12 +434,16 @@ def _slices(box: Box) -> tuple:
 # --------------------------------------------------------------------------------------------
 # Memory model (used by the planner's estimate)
 # --------------------------------------------------------------------------------------------
-def work_bytes(step: Step, src: Shape, out: Shape, piece: tuple[int, int, int], elem: int) -> int:
-    """Temporaries of one piece: the input region (read, normalised, padded: up to three copies),
-    the output piece and the residual next to it, and attention scores."""
+def work_bytes(step: Step, src: Shape, out: Shape, piece: tuple[int, int, int], elem: int, read_copy: bool = False,
+               write_copy: int = 0) -> int:
+    """Temporaries of one piece: the input region (read, normalised, padded: up to three copies;
+    a fourth when it arrives from host memory or disk), the output piece and the residual next to it,
+    a reordered copy of the output of ``write_copy`` bytes per element when it leaves the device,
+    and attention scores."""
     batch = out[0]
-    return elem * batch * (3 * src[1] * step.region_voxels(piece) + 2 * out[1] * math.prod(piece)
-                           + step.scores(src, piece))
+    region = step.region_voxels(piece)
+    return (elem * batch * ((3 + read_copy) * src[1] * region + 2 * out[1] * math.prod(piece) + step.scores(src, piece))
+            + write_copy * batch * out[1] * math.prod(piece))
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,8 +454,7 @@ class _Reader:
 
     def __init__(self, shapes: dict[int, Shape], device: torch.device, dtype: torch.dtype, link: HostLink):
         self.shapes, self.device, self.dtype, self.link = shapes, device, dtype, link
-        self.stores: dict[int, torch.Tensor] = {}
-        self.tiers: dict[int, str] = {}
+        self.stores: dict[int, torch.Tensor | HostStore] = {}
         self.recomputed: dict[int, Step] = {}
         self.moments: dict[int, GroupMoments] = {}
         self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -424,17 +462,14 @@ class _Reader:
     def shape(self, slot: int) -> Shape:
         return self.shapes[slot]
 
-    def keep(self, slot: int, store: torch.Tensor, tier: str):
-        self.stores[slot], self.tiers[slot] = store, tier
-
     def region(self, slot: int, box: Box) -> torch.Tensor:
         """Region ``box`` of store ``slot`` on the compute device in the compute dtype."""
         if slot in self.recomputed:
             return self.recomputed[slot].run(self, box)
-        region = self.stores[slot][_slices(box)]
-        if self.tiers[slot] == HOST:
-            return self.link.read(slot, box, region, self.dtype)
-        return region.to(self.dtype)
+        store = self.stores[slot]
+        if isinstance(store, HostStore):
+            return self.link.read(store, box, self.dtype)
+        return store[_slices(box)].to(self.device, self.dtype)
 
     def __call__(self, slot: int, box: Box, norm: GroupNormSiLU | None, padding: ClipPadding | None = None,
                  amounts=((0, 0), (0, 0), (0, 0))) -> torch.Tensor:
@@ -452,94 +487,107 @@ class _Reader:
         norm_silu(x, norm, *self._stats[slot], out=interior)
         return padding.fill_border(padded, amounts)
 
-    def drop(self, slot: int) -> tuple[torch.Tensor | None, str | None]:
+    def drop(self, slot: int):
         self.moments.pop(slot, None)
         self._stats.pop(slot, None)
         self.recomputed.pop(slot, None)
-        return self.stores.pop(slot, None), self.tiers.pop(slot, None)
+        return self.stores.pop(slot, None)
 
 
 @dataclass
 class Placement:
-    """Where a program's stores live: ``host`` names the steps whose outputs are kept in host memory
-    (the rest on the device), ``recompute`` those whose outputs are recomputed by their reader."""
+    """Where a program's stores live: ``tiers`` maps a step's name to ``device``, ``host``, ``disk``
+    or ``recompute``; ``offsets`` gives each host or disk store its byte offset in its tier's arena
+    (:class:`~cvvae_core.tiling.tiers.Arena`); ``frees`` the slots each step reads last."""
 
-    host: frozenset[str] = frozenset()
-    recompute: frozenset[str] = frozenset()
+    tiers: dict[str, str]
+    offsets: dict[int, int]
+    frees: list[list[int]]
+
+    @property
+    def recompute(self) -> frozenset[str]:
+        return frozenset(n for n, t in self.tiers.items() if t == "recompute")
 
 
-def run_program(prog: Program, x: torch.Tensor, output: torch.Tensor, *, device: torch.device,
-                dtype: torch.dtype, placement: Placement, link: HostLink, ledger: Ledger, work: list[int],
+def run_program(prog: Program, x: torch.Tensor, output, *, device: torch.device, dtype: torch.dtype,
+                placement: Placement, link: HostLink, ledger: Ledger, arenas: dict, work: list[int],
                 piece_of: Callable[[Step, Shape], tuple], check: Callable[[], None],
                 done: Callable[[Step, Box], None], group=None,
                 memory_format: torch.memory_format = torch.contiguous_format):
-    """Run ``prog`` on ``x`` (slot 0, any device), writing the result into ``output``.
+    """Run ``prog`` on ``x`` (slot 0, any device), writing the result into ``output`` (a device tensor or
+    a :class:`~cvvae_core.tiling.tiers.HostStore`).
 
-    Each step's output goes to the tier ``placement`` gives it (``x`` and ``output`` are in the host
-    tier when they are not on ``device``) and returns to its tier's pool after its last reader; the
-    ``ledger`` counts every store and, per step, the working memory ``work[i]`` of its largest piece.
-    ``piece_of(step, out_shape)`` gives the piece size (T, H, W) of a step; ``check()`` is called
-    before each piece (cancellation) and ``done(step, box)`` after it (progress; other ranks' pieces
-    count too). Stores are kept in ``memory_format`` (pieces inherit it: ``channels_last_3d`` speeds
-    up CPU convolutions). With a :class:`~cvvae_core.distributed.TileGroup` each rank runs the
-    pieces ``k % world == rank`` of every step, and the stores (zero elsewhere) and statistics are
-    summed across ranks after each step."""
-    host_format = memory_format if device.type == "cpu" else torch.contiguous_format
-    pools = {DEVICE: StorePool(DEVICE, device, dtype, memory_format, ledger),
-             HOST: StorePool(HOST, torch.device("cpu"), dtype, host_format, ledger)}
+    Each step's output goes to the tier ``placement`` gives it: a device store from the pool (back
+    to it after its last reader), a store of the host or disk arena in ``arenas``, or none
+    (recomputed by its readers; the step itself runs only when a GroupNorm needs its statistics).
+    The ``ledger`` counts the stores and, per step, the working memory ``work[i]`` of its largest
+    piece. ``piece_of(step, out_shape)`` gives the piece size (T, H, W) of a step; ``check()`` is
+    called before each piece (cancellation) and ``done(step, box)`` after it (progress; other ranks'
+    pieces count too). Device stores are kept in ``memory_format`` (pieces inherit it:
+    ``channels_last_3d`` speeds up CPU convolutions). With a
+    :class:`~cvvae_core.distributed.TileGroup` each rank runs the pieces ``k % world == rank`` of every
+    step, and the stores (zero elsewhere) and statistics are summed across ranks after each step."""
+    pool = StorePool(device, dtype, memory_format, ledger)
     read = _Reader(prog.shapes, device, dtype, link)
-    read.keep(0, x, DEVICE if x.device == device else HOST)
+    read.stores[0] = x if x.device == device else HostStore(x, (0, 1, 2, 3, 4), HOST, x.is_pinned())
+    recompute = placement.recompute
     last = len(prog.steps) - 1
     for i, step in enumerate(prog.steps):
         shape = prog.shapes[step.out]
-        if i == last:
-            dest, tier = output, (DEVICE if output.device == device else HOST)
-        elif step.name in placement.recompute:
-            dest, tier = None, None
+        tier = "output" if i == last else placement.tiers.get(step.name, DEVICE)
+        if tier == "output":
+            dest = output
+        elif tier == DEVICE:
+            dest = pool.take(shape)
+        elif tier in (HOST, DISK):
+            dest = arenas[tier].store(placement.offsets[step.out], shape, dtype)
         else:
-            tier = HOST if step.name in placement.host else DEVICE
-            dest = pools[tier].take(shape)
+            dest = None
         ledger.piece(work[i])
         if group is not None and dest is not None:
-            dest.zero_()
+            (dest.mem if isinstance(dest, HostStore) else dest).zero_()
         norm = prog.norm_of.get(step.out)
         moments = GroupMoments(norm.num_groups) if norm is not None else None
 
         def run_step():
+            fresh = True
             for k, box in enumerate(pieces(shape, piece_of(step, shape))):
                 check()
                 if group is None or group.mine(k):
                     y = step.run(read, box)
                     if moments is not None:
                         moments.add(y)
-                    if tier == HOST:
-                        link.write(step.out, box, dest[_slices(box)], y)
+                    if isinstance(dest, HostStore):
+                        link.write(dest, box, y, fresh=fresh and tier != "output")
+                        fresh = False
                     elif dest is not None:
                         dest[_slices(box)].copy_(y)
                 done(step, box)
 
-        if group is None:
-            run_step()
-        else:
-            group.run(run_step)
-            if dest is not None:
-                link.wait(step.out)
-                group.all_sum(dest)
-            if moments is not None:
-                group.merge_moments(moments)
+        if prog.runs(step, recompute):
+            if group is None:
+                run_step()
+            else:
+                group.run(run_step)
+                if dest is not None:
+                    if isinstance(dest, HostStore):
+                        link.settle(dest)
+                        group.all_sum(dest.mem)
+                    else:
+                        group.all_sum(dest)
+                if moments is not None:
+                    group.merge_moments(moments)
         if dest is None:
             read.recomputed[step.out] = step
         elif i != last:
-            read.keep(step.out, dest, tier)
+            read.stores[step.out] = dest
         if moments is not None:
             read.moments[step.out] = moments
-        for slot in prog.frees[i]:
+        for slot in placement.frees[i]:
             if slot != 0:
-                store, store_tier = read.drop(slot)
-                if store is not None:
-                    link.wait(slot)
-                    pools[store_tier].give(store)
-    link.land_all()
-    for pool in pools.values():
-        pool.release()
+                store = read.drop(slot)
+                if isinstance(store, torch.Tensor):
+                    pool.give(store)
+    link.finish()
+    pool.release()
     return output

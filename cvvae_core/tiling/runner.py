@@ -34,6 +34,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,14 +45,16 @@ from ..errors import InputError, OutOfMemoryError
 from . import executor as ex
 from .meter import PROGRESS_UNITS, Meter
 from .official import OFFICIAL_CHUNK, OFFICIAL_OVERLAP, OFFICIAL_TILE, run_official
-from .planner import (DECODE, ENCODE, FREE_MEMORY_SHARE, STAGING_SLOTS, Direction, MemoryEstimate, Plan, choose_plan,
-                      elem_size, estimate_memory, estimate_program, free_bytes, piece_sizes, smaller_plan,
-                      staging_slot_bytes, step_work)
-from .tiers import DEVICE, HOST, HostLink, Ledger, finish, output_buffer
+from .planner import (DECODE, ENCODE, FREE_MEMORY_SHARE, STAGING_SLOTS, Direction, MemoryEstimate, Plan, block_bytes,
+                      choose_plan, elem_size, same_device, estimate_memory, estimate_program, free_bytes, piece_sizes, schedule,
+                      smaller_plan, step_work)
+from .tiers import DEVICE, DISK, HOST, Arena, HostLink, Ledger, Streams, finish, output_buffer, output_store
 
 log = logging.getLogger(__name__)
 
 MODES = ("seamless", "official")
+#: Memory format of device stores and pieces: ``channels_last_3d`` speeds up convolutions on CPU.
+MEMORY_FORMATS = {"cpu": torch.channels_last_3d, "cuda": torch.contiguous_format}
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,18 @@ class RunReport:
     """What a seamless run chose and used: its plan, the plan's estimate, and the peaks the engine
     counted while running (bytes; None for the untiled pass, which the engine does not see inside):
     on the device the stores it held plus the running piece's working memory (as estimated) and the
-    result when it is on the device; in host memory the host-tier stores and the staging ring."""
+    result when it is on the device; in host memory the host arena, the staging ring and the result.
+    ``host_traffic`` / ``disk_traffic``: bytes it copied between the device and host memory / disk;
+    ``pinned``: bytes it held page-locked."""
 
     direction: str
     plan: Plan
     estimate: MemoryEstimate
     device_peak: int | None
     host_peak: int | None
+    host_traffic: int = 0
+    disk_traffic: int = 0
+    pinned: int = 0
 
     def describe(self) -> str:
         return f"{self.direction}: {self.plan.describe(self.estimate)}"
@@ -86,10 +94,13 @@ class TilingOptions:
     # seamless: share each step's pieces among the ranks of the initialised torch.distributed group
     # (see cvvae_core.distributed); every rank gets the whole result. No effect in one process.
     distributed: bool = False
-    # Bytes of host memory for the layer outputs that do not fit the device. None: 80% of available RAM.
+    # Bytes of host memory the pass may use (layer outputs that do not fit the device, buffers, the
+    # result; on CPU everything). None: 80% of available RAM. A plan that fits no budget is refused
+    # before any work (MemoryBudgetError).
     host_memory_budget: int | None = None
-    # Recompute ResNet blocks' first convolutions instead of storing them (exact, slower): None = only
-    # when host memory is short, True = always, False = never.
+    # Recompute layer outputs instead of storing them (exact, slower): None = where the planner finds
+    # it cheapest when memory is short (any convolution or upsampler), True = at least every ResNet
+    # block's first convolution, False = never.
     recompute: bool | None = None
     # Called after each seamless pass with a RunReport (plan, estimate, measured peaks).
     report: Callable[[RunReport], None] | None = None
@@ -109,6 +120,9 @@ class TilingOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InputError(f"{name} must be a positive number of bytes (or None: automatic), got {value}")
+        if self.disk_dir is not None and not os.path.isdir(self.disk_dir):
+            raise InputError(f"disk_dir {os.fspath(self.disk_dir)!r} is not a folder: create it, or pass None "
+                             "(no disk tier)")
 
     # ``CVVAE.encode(tiling=opts)`` / ``decode`` call these: the model layer does not import the engine.
     def encode_moments(self, model, video: torch.Tensor) -> torch.Tensor:
@@ -135,21 +149,31 @@ def decode_latent(model, latent: torch.Tensor, opts: TilingOptions | None = None
 
 
 def plan_for(model, direction: Direction, shape, opts: TilingOptions, budget: int | None = None,
-             device: torch.device | None = None) -> Plan:
+             device: torch.device | None = None, input_device="cpu") -> Plan:
     """The plan a seamless run takes on ``device`` (default: the model's) within ``budget`` device
-    bytes (default: ``opts.memory_budget``, else on CUDA 70% of free memory, on CPU no limit). Given
-    sizes win. Without a limit (CPU): pieces of ``CPU_PIECE_BYTES``, every layer output in RAM. With
-    one: the whole clip at once when it fits, else pieces of a share of the budget, layer outputs on
-    the device while they fit (smallest first), the rest in host memory within
-    ``opts.host_memory_budget``, ResNet intermediates recomputed when that is short too
-    (``opts.recompute``)."""
+    bytes (default: ``opts.memory_budget``, else on CUDA 70% of free memory, on CPU no limit) and
+    ``opts.host_memory_budget``; raises :class:`~cvvae_core.errors.MemoryBudgetError` before any
+    work when none fits. Given sizes win. Without a device limit (CPU): pieces of
+    ``CPU_PIECE_BYTES``, every layer output in RAM unless RAM is short. With one: the whole clip at
+    once when it fits, else pieces of a share of the budget, layer outputs on the device while they
+    fit (smallest first), the rest in host memory, on disk (``opts.disk_dir``) or recomputed where
+    that costs least (``opts.recompute``)."""
     device = torch.device(device or model.device)
     budget = budget or opts.memory_budget
     if budget is None and device.type == "cuda":
         budget = int(free_bytes(device) * FREE_MEMORY_SHARE)
     return choose_plan(model, direction, shape, tile=opts.tile_size, chunk=opts.chunk_frames, device_budget=budget,
                        host_budget=opts.host_memory_budget, recompute=opts.recompute,
-                       output_device=opts.output_device, device=device)
+                       output_device=resolve_output_device(opts.output_device, device), device=device,
+                       disk_dir=opts.disk_dir, input_device=input_device)
+
+
+def resolve_output_device(output_device, compute: torch.device) -> torch.device:
+    """``opts.output_device``; a GPU named without an index (``"cuda"``) is the compute GPU."""
+    out = torch.device(output_device)
+    if out.type == compute.type and out.index is None and compute.index is not None:
+        return compute
+    return out
 
 
 def memory_request(model, direction: Direction, shape, opts: TilingOptions | None,
@@ -170,7 +194,7 @@ def memory_request(model, direction: Direction, shape, opts: TilingOptions | Non
         whole_device = (int(torch.cuda.get_device_properties(device).total_memory * FREE_MEMORY_SHARE)
                         if device.type == "cuda" else None)
         plan = plan_for(model, direction, shape, opts, opts.memory_budget or whole_device, device)
-    output_device = "cpu" if opts is None else opts.output_device
+    output_device = "cpu" if opts is None else resolve_output_device(opts.output_device, device)
     return estimate_memory(model, direction, shape, plan, output_device, device).total
 
 
@@ -194,13 +218,18 @@ def _with_smaller_plans(model, run: Callable, plan, smaller: Callable, give_up: 
         try:
             return run(plan)
         except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _is_oom(err):
+            if not _is_oom(err) or isinstance(err, OutOfMemoryError):
                 raise
-            _free(model.device)
-            nxt = smaller(plan)
-            if nxt is None:
-                raise OutOfMemoryError(give_up(plan)) from err
-            plan = nxt
+            failed = err
+        # Outside the except block, with the traceback's frames cleared: they hold the failed
+        # attempt's stores, which could not be freed otherwise.
+        traceback.clear_frames(failed.__traceback__)
+        _free(model.device)
+        nxt = smaller(plan)
+        if nxt is None:
+            raise OutOfMemoryError(give_up(plan)) from failed
+        failed = None
+        plan = nxt
 
 
 def _run(model, x: torch.Tensor, opts: TilingOptions, direction: Direction) -> torch.Tensor:
@@ -215,7 +244,7 @@ def _run(model, x: torch.Tensor, opts: TilingOptions, direction: Direction) -> t
                       "fp16 weights).")
     video = direction.video_size(model, x.shape)
     group = TileGroup.of(opts.distributed)
-    plan = plan_for(model, direction, x.shape, opts)
+    plan = plan_for(model, direction, x.shape, opts, input_device=x.device)
     if group is not None:
         plan = group.broadcast_object(plan)  # every rank must take the same plan: rank 0's
     stores = frozenset(name for name, _ in _step_names(model, direction, x.shape)[:-1])
@@ -242,15 +271,17 @@ def _check_input(x: torch.Tensor, direction: Direction):
 def _seamless(model, x: torch.Tensor, opts: TilingOptions, direction: Direction, plan: Plan,
               group: TileGroup | None) -> torch.Tensor:
     device, dtype = model.device, model.dtype
+    output_device = resolve_output_device(opts.output_device, device)
     prog = ex.Program(direction.network(model).layers(), x.shape)
-    out = output_buffer(prog.output_shape, opts.output_device, device)
     elem, video = elem_size(dtype), direction.video_size(model, x.shape)
     sizes = piece_sizes(prog, plan, video, elem)
-    work = step_work(prog, sizes, plan.recompute, elem)
-    estimate = estimate_program(prog, plan, video, elem, device, opts.output_device, sizes, work)
+    work = step_work(prog, sizes, plan, elem)
+    sched = schedule(prog, plan, elem)
+    estimate = estimate_program(prog, plan, video, elem, device, output_device, sizes, work, sched, x.device)
     log.info("%s %s: %s", direction.name, list(x.shape), plan.describe(estimate))
     if plan.whole:
         # The untiled pass itself (every rank runs it; nothing to share).
+        out = output_buffer(prog.output_shape, output_device, device)
         meter = Meter(opts.progress, opts.cancel, 1)
         meter.check()
         if group is None:
@@ -265,36 +296,49 @@ def _seamless(model, x: torch.Tensor, opts: TilingOptions, direction: Direction,
     recomputed = {s.out: s for s in prog.steps if s.name in plan.recompute}
 
     def cost(step, box):
-        # a reader of a recomputed store runs the recomputing convolution on (about) its piece too
-        extra = recomputed.get(step.src)
-        macs = step.macs(prog.shapes[step.src], box)
-        if extra is not None:
+        # a reader of a recomputed store runs the recomputing step on (about) its piece too
+        macs, extra = step.macs(prog.shapes[step.src], box), recomputed.get(step.src)
+        while extra is not None:
             macs += extra.macs(prog.shapes[extra.src], box)
+            extra = recomputed.get(extra.src)
         return x.shape[0] * macs
 
     piece_of = {id(s): size for s, size in zip(prog.steps, sizes)}
-    total = sum(cost(s, box) for s in prog.steps for box in ex.pieces(prog.shapes[s.out], piece_of[id(s)]))
+    total = sum(cost(s, box) for s in prog.steps if prog.runs(s, plan.recompute)
+                for box in ex.pieces(prog.shapes[s.out], piece_of[id(s)]))
     meter = Meter(opts.progress, opts.cancel, total)
     ledger = Ledger()
-    if out.device == device:
+    out = output_store(prog.output_shape, output_device, device, ledger)
+    if isinstance(out, torch.Tensor) and same_device(out.device, device):
         ledger.add(DEVICE, out.nbytes)
-    link = HostLink(device, staging_slot_bytes(prog, sizes, plan, elem, x.element_size()), STAGING_SLOTS, ledger)
+    streams = Streams(device)
+    arenas = {}
+    link = HostLink.for_run(streams, ledger, block_bytes(prog, sizes, plan, elem), STAGING_SLOTS if plan.disk else 0)
     try:
-        ex.run_program(prog, x, out, device=device, dtype=dtype,
-                       placement=ex.Placement(plan.host, plan.recompute), link=link, ledger=ledger, work=work,
-                       piece_of=lambda step, shape: piece_of[id(step)], check=meter.check,
-                       done=lambda step, box: meter.step(cost(step, box)), group=group,
-                       memory_format=torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format)
+        for tier in (HOST, DISK):
+            if sched.arena_bytes.get(tier):
+                arenas[tier] = Arena(tier, sched.arena_bytes[tier], device, ledger, opts.disk_dir)
+        ex.run_program(prog, x, out, device=device, dtype=dtype, placement=sched.placement(), link=link,
+                       ledger=ledger, arenas=arenas, work=work, piece_of=lambda step, shape: piece_of[id(step)],
+                       check=meter.check, done=lambda step, box: meter.step(cost(step, box)), group=group,
+                       memory_format=MEMORY_FORMATS.get(device.type, torch.contiguous_format))
     finally:
         link.close()  # after a failure: drops the transfers still under way
+        for arena in arenas.values():
+            arena.close()  # the disk tier's files are removed, also after a failure or Ctrl-C
     _report(opts, direction, plan, estimate, ledger)
-    return finish(out, device)
+    return finish(out if isinstance(out, torch.Tensor) else out.mem, device)
 
 
 def _report(opts: TilingOptions, direction: Direction, plan: Plan, estimate: MemoryEstimate, ledger: Ledger | None):
-    if opts.report is not None:
-        measured = (None, None) if ledger is None else (ledger.peak[DEVICE], ledger.peak[HOST])
-        opts.report(RunReport(direction.name, plan, estimate, *measured))
+    if opts.report is None:
+        return
+    if ledger is None:
+        opts.report(RunReport(direction.name, plan, estimate, None, None))
+        return
+    host = ledger.peak[HOST] + (ledger.peak[DEVICE] if estimate.shared_memory else 0)
+    opts.report(RunReport(direction.name, plan, estimate, ledger.peak[DEVICE], host, ledger.traffic[HOST],
+                          ledger.traffic[DISK], ledger.pinned))
 
 
 __all__ = ["TilingOptions", "RunReport", "encode_moments", "decode_latent", "estimate_memory", "memory_request",
