@@ -69,6 +69,8 @@ FREE_MEMORY_SHARE = 0.7
 HOST_MEMORY_SHARE = 0.8
 #: Staging buffers between the device and the disk tier (each the size of the largest block).
 STAGING_SLOTS = 4
+#: Plans the planner's search keeps at each step (see ``_Search.relieve_host``).
+BEAM = 4
 #: cuDNN's convolution workspace, counted on every CUDA plan.
 CUDA_WORKSPACE_BYTES = 512 << 20
 
@@ -323,6 +325,7 @@ class Schedule:
     tiers: dict[str, str]
     frees: list[list[int]]
     device_held: list[int]
+    host_held: list[int]
     offsets: dict[int, int]
     arena_bytes: dict[str, int]
 
@@ -337,7 +340,7 @@ def schedule(prog: ex.Program, plan: Plan, elem: int) -> Schedule:
     frees = prog.frees(plan.recompute)
     last_read = {slot: i for i, slots in enumerate(frees) for slot in slots}
     tiers = {s.name: plan.tier(s.name) for s in prog.steps[:-1]}
-    live, freed, device_held = {}, [], []
+    live, freed, device_held, host_held, in_host = {}, [], [], [], {}
     intervals = {HOST: [], DISK: []}
     last = len(prog.steps) - 1
     for i, step in enumerate(prog.steps):
@@ -352,15 +355,19 @@ def schedule(prog: ex.Program, plan: Plan, elem: int) -> Schedule:
             live[step.out] = shape
         elif i < last and tier in (HOST, DISK):
             intervals[tier].append((step.out, i, last_read.get(step.out, i), elem * math.prod(shape)))
+            if tier == HOST:
+                in_host[step.out] = elem * math.prod(shape)
         device_held.append(elem * (sum(math.prod(s) for s in live.values()) + sum(math.prod(s) for s in freed)))
+        host_held.append(sum(in_host.values()))
         for slot in frees[i]:
             if slot in live:
                 freed.append(live.pop(slot))
+            in_host.pop(slot, None)
     offsets, arena_bytes = {}, {}
     for tier, spans in intervals.items():
         tier_offsets, arena_bytes[tier] = arena_layout(spans)
         offsets.update(tier_offsets)
-    return Schedule(tiers, frees, device_held, offsets, arena_bytes)
+    return Schedule(tiers, frees, device_held, host_held, offsets, arena_bytes)
 
 
 def block_bytes(prog: ex.Program, sizes, plan: Plan, elem: int) -> int:
@@ -542,6 +549,14 @@ class _Search:
         return estimate_program(self.prog, plan, self.video, self.elem, self.device, self.output_device,
                                 input_device=self.input_device)
 
+    def excess(self, plan: Plan) -> int:
+        """Host bytes over the budget, summed over the steps (the search's progress measure: a move
+        that lowers one of several equal peaks lowers it, where the peak itself does not move)."""
+        sched = schedule(self.prog, plan, self.elem)
+        shared = self.device.type == "cpu"
+        return sum(max(0, h + (d if shared else 0) - self.host_budget)
+                   for h, d in zip(sched.host_held, sched.device_held))
+
     def fits(self, est: MemoryEstimate) -> bool:
         return ((self.device_budget is None or est.total <= self.device_budget) and est.host <= self.host_budget
                 and (est.disk == 0 or (self.disk_budget is not None and est.disk <= self.disk_budget)))
@@ -567,30 +582,98 @@ class _Search:
         return replace(plan, host=frozenset(host))
 
     def relieve_host(self, plan: Plan) -> Plan:
-        """While host memory is over its budget: move the store held at the host peak whose move
-        frees the most bytes per added second, to disk (when there is one) or to recomputation."""
+        """Host memory within its budget, as cheaply as the search finds: a beam search over moves of
+        the stores held at the host peak (to disk when there is a disk tier, or to recomputation; one
+        store, or every store of its shape, since blocks at one resolution peak alike) that keep the
+        device within its budget. The beam keeps the :data:`BEAM` plans that free the most bytes per
+        added second; the cheapest plan that fits wins."""
         est = self.estimate(plan)
-        while est.host > self.host_budget:
-            candidates = []
-            for step in self.stores(plan):
-                moves = []
-                tier = plan.tier(step.name)
-                if self.recompute is not False and step.recomputable:
-                    moves.append(replace(plan, recompute=plan.recompute | {step.name},
-                                         host=plan.host - {step.name}, disk=plan.disk - {step.name}))
-                if self.disk_budget is not None and tier != DISK and (tier == HOST or self.device.type == "cpu"):
-                    moves.append(replace(plan, disk=plan.disk | {step.name}, host=plan.host - {step.name}))
-                for trial in moves:
+        if est.host <= self.host_budget:
+            return plan
+        start = self.excess(plan)
+        beam, done, seen, grown_before = [(plan, est, start)], None, {plan}, []
+        while beam:
+            grown = []
+            for parent, p_est, p_excess in beam:
+                for trial in self.moves(parent):
+                    if trial in seen:
+                        continue
+                    seen.add(trial)
                     t_est = self.estimate(trial)
-                    freed = est.host - t_est.host
-                    if freed > 0 and (self.device_budget is None or t_est.total <= self.device_budget) and \
-                            (t_est.disk == 0 or t_est.disk <= self.disk_budget):
-                        added = max(t_est.relative_cost - est.relative_cost, 1e-6)
-                        candidates.append((freed / added, trial, t_est))
-            if not candidates:
-                break
-            _, plan, est = max(candidates, key=lambda c: c[0])
-        return plan
+                    if not self._fits_device_and_disk(t_est):
+                        continue
+                    if t_est.host <= self.host_budget:
+                        if done is None or t_est.relative_cost < done[1].relative_cost:
+                            done = (trial, t_est)
+                        continue
+                    t_excess = self.excess(trial)
+                    if t_excess < p_excess and (done is None or t_est.relative_cost < done[1].relative_cost):
+                        rate = (start - t_excess) / max(t_est.relative_cost - est.relative_cost, 1e-6)
+                        grown.append((rate, trial, t_est, t_excess))
+            grown.sort(key=lambda g: -g[0])
+            beam = [(p, e, x) for _, p, e, x in grown[:BEAM]]
+            if not beam and done is None and grown_before:
+                beam = grown_before[:1]  # nothing freed more: go on from the best plan so far
+            grown_before = [(p, e, x) for _, p, e, x in grown] or grown_before[1:]
+        return plan if done is None else done[0]
+
+    def speed_up(self, plan: Plan) -> Plan:
+        """While some move of the same kinds lowers the estimated time and still fits every budget
+        (recomputing can be cheaper than a slow host link), take the best."""
+        est = self.estimate(plan)
+        while True:
+            best = None
+            for trial in self.moves(plan, everywhere=True):
+                t_est = self.estimate(trial)
+                if self.fits(t_est) and t_est.relative_cost < (best[1].relative_cost if best else
+                                                                 est.relative_cost) - 0.01:
+                    best = (trial, t_est)
+            if best is None:
+                return plan
+            plan, est = best
+
+    def _fits_device_and_disk(self, est: MemoryEstimate) -> bool:
+        return ((self.device_budget is None or est.total <= self.device_budget)
+                and (not est.disk or (self.disk_budget is not None and est.disk <= self.disk_budget)))
+
+    def moves(self, plan: Plan, everywhere: bool = False):
+        """Plans that each move some stores held at the host peak (``everywhere``: any host store) off
+        the host (module docstring)."""
+        if everywhere:
+            held = [s for s in self.stores(plan) if plan.tier(s.name) == HOST]
+            for name in plan.recompute:  # and back: storing can be cheaper than recomputing
+                yield replace(plan, recompute=plan.recompute - {name}, host=plan.host | {name})
+        else:
+            held = self._held_at_host_peak(plan, schedule(self.prog, plan, self.elem))
+        shapes = {self.prog.shapes[s.out] for s in held}
+        groups = [[s] for s in held]
+        for shape in shapes:
+            same = [s for s in self.stores(plan) if self.prog.shapes[s.out] == shape]
+            free = [s for s in same if self.prog.free_to_recompute(s)]
+            groups += [g for g in (free, same) if len(g) > 1]
+        for group in groups:
+            names = frozenset(s.name for s in group)
+            if self.recompute is not False and all(s.recomputable for s in group):
+                yield replace(plan, recompute=plan.recompute | names, host=plan.host - names, disk=plan.disk - names)
+            if self.disk_budget is not None:
+                movable = frozenset(s.name for s in group if plan.tier(s.name) == HOST
+                                    or (self.device.type == "cpu" and plan.tier(s.name) == DEVICE))
+                if movable:
+                    yield replace(plan, disk=plan.disk | movable, host=plan.host - movable)
+
+    def _held_at_host_peak(self, plan: Plan, sched: Schedule) -> list[ex.Step]:
+        """The stores in host memory (on CPU also the device's: one memory) at the step where it holds most."""
+        held_tiers = {HOST} | ({DEVICE} if self.device.type == "cpu" else set())
+        live, best, best_bytes = {}, [], -1
+        for i, step in enumerate(self.prog.steps[:-1]):
+            if sched.tiers.get(step.name) in held_tiers:
+                live[step.out] = step
+            nbytes = sum(math.prod(self.prog.shapes[slot]) for slot in live)
+            if nbytes > best_bytes:
+                best, best_bytes = list(live.values()), nbytes
+            for slot in sched.frees[i]:
+                live.pop(slot, None)
+        return best
 
 
 def choose_plan(model, direction: Direction, shape, *, tile: int | None, chunk: int | None,
@@ -622,16 +705,23 @@ def choose_plan(model, direction: Direction, shape, *, tile: int | None, chunk: 
             cap = CUDA_PIECE_BYTES if device.type == "cuda" else CPU_PIECE_BYTES
             first = int(min(cap, max(device_budget * PIECE_SHARE, 1)))
             bases = [Plan(piece_bytes=first >> k) for k in range(PIECE_HALVINGS) if k == 0 or first >> k >= 1 << 16]
-    best = None
+    best, fastest = None, None
     for base in bases:
         plan = search.place(replace(base, recompute=everything))
         plan = search.relieve_host(plan)
         plan = search.place(plan)
         est = search.estimate(plan)
         if search.fits(est):
-            return plan
-        if best is None or _overflow(search, est) < _overflow(search, best[1]):
+            plan = search.speed_up(plan)
+            est = search.estimate(plan)
+            if fastest is None or est.relative_cost < fastest[1].relative_cost:
+                fastest = (plan, est)
+            elif fastest is not None:
+                break  # smaller pieces only cost more from here
+        elif best is None or _overflow(search, est) < _overflow(search, best[1]):
             best = (plan, est)
+    if fastest is not None:
+        return fastest[0]
     plan, est = best
     raise MemoryBudgetError(_refusal(direction, shape, search, est), device_needed=est.total, host_needed=est.host,
                             device_budget=device_budget, host_budget=search.host_budget)
