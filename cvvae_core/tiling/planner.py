@@ -641,7 +641,7 @@ class _Search:
         the host (module docstring)."""
         if everywhere:
             held = [s for s in self.stores(plan) if plan.tier(s.name) == HOST]
-            for name in plan.recompute:  # and back: storing can be cheaper than recomputing
+            for name in plan.recompute if self.recompute is None else ():  # and back: storing can be cheaper
                 yield replace(plan, recompute=plan.recompute - {name}, host=plan.host | {name})
         else:
             held = self._held_at_host_peak(plan, schedule(self.prog, plan, self.elem))
