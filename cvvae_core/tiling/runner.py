@@ -34,7 +34,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -221,9 +220,9 @@ def _with_smaller_plans(model, run: Callable, plan, smaller: Callable, give_up: 
             if not _is_oom(err) or isinstance(err, OutOfMemoryError):
                 raise
             failed = err
-        # Outside the except block, with the traceback's frames cleared: they hold the failed
-        # attempt's stores, which could not be freed otherwise.
-        traceback.clear_frames(failed.__traceback__)
+        # Outside the except block, with the traceback dropped: its frames (and the closures they
+        # run) hold the failed attempt's stores, which could not be freed otherwise.
+        failed.__traceback__ = failed.__context__ = None
         _free(model.device)
         nxt = smaller(plan)
         if nxt is None:
@@ -274,8 +273,8 @@ def _seamless(model, x: torch.Tensor, opts: TilingOptions, direction: Direction,
     output_device = resolve_output_device(opts.output_device, device)
     prog = ex.Program(direction.network(model).layers(), x.shape)
     elem, video = elem_size(dtype), direction.video_size(model, x.shape)
-    sizes = piece_sizes(prog, plan, video, elem)
-    work = step_work(prog, sizes, plan, elem)
+    sizes = piece_sizes(prog, plan, video, elem, device)
+    work = step_work(prog, sizes, plan, elem, device)
     sched = schedule(prog, plan, elem)
     estimate = estimate_program(prog, plan, video, elem, device, output_device, sizes, work, sched, x.device)
     log.info("%s %s: %s", direction.name, list(x.shape), plan.describe(estimate))

@@ -115,8 +115,15 @@ class Streams:
             self.compute = self.outbound = self.inbound = None
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        """A buffer on the device for an inbound copy (allocated for the compute stream)."""
-        return torch.empty(shape, dtype=dtype, device=self.device)
+        """A buffer on the device for an inbound copy. Allocated on the inbound stream (memory the
+        compute stream freed may still be in use by its queued work) and marked as used by the
+        compute stream, so the allocator does not hand it out again before compute is done with it."""
+        if not self.asynchronous:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        with self.inbound:
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+        t.record_stream(self.compute)
+        return t
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream):
         if stream is None:
