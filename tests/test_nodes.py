@@ -14,10 +14,12 @@ from pack_loader import ROOT, load_pack  # noqa: E402
 
 pack = load_pack()
 import comfy.model_management as mm  # noqa: E402  (the stand-in)
+import comfy.model_patcher  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
 from cvvae_pack import cvvae_core  # noqa: E402
+from cvvae_pack.cvvae_core.tiling import DECODE, ENCODE  # noqa: E402
 from cvvae_pack.nodes import comfy_vae, nodes  # noqa: E402
 
 TINY = cvvae_core.CVVAEConfig(variant="sd", latent_channels=4, base_channels=8, channel_mult=(1, 2, 2, 2),
@@ -345,24 +347,27 @@ def test_out_of_memory_says_what_to_do(vae, monkeypatch):
     assert True in mm.EMPTY_CACHE_CALLS
 
 
-def test_automatic_plan_on_a_gpu_is_sized_from_comfyuis_free_memory(monkeypatch):
+def test_automatic_plan_on_a_gpu_is_sized_from_comfyuis_free_memory(monkeypatch, comfy_version):
     """Once ComfyUI has loaded the model, an automatic seamless plan takes its budget from what
-    ComfyUI reports free (its cache counts as free there); given sizes, other modes and CPU keep theirs."""
+    ComfyUI reports free: the patcher's figure where it has one (0.33 and newer: it counts reclaimable
+    dynamic VRAM too), else the global one; given budgets, other modes and CPU keep theirs."""
     from cvvae_pack.nodes import runtime
     from cvvae_pack.cvvae_core.tiling.planner import FREE_MEMORY_SHARE
 
     monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 10 << 30)
-    patcher = type("Patcher", (), {"load": lambda self: None})()
-    gpu = type("GpuVae", (), {"patcher": patcher, "device": torch.device("cuda", 0)})()
-    cpu = type("CpuVae", (), {"patcher": patcher, "device": torch.device("cpu")})()
-    cases = [(gpu, runtime.engine_options(), int((10 << 30) * FREE_MEMORY_SHARE)),
-             (gpu, runtime.engine_options(memory_budget=1 << 30), 1 << 30),
-             (gpu, runtime.engine_options(mode="official"), None),
-             (cpu, runtime.engine_options(), None)]
-    for vae, opts, budget in cases:
-        with runtime.comfy_pass(vae, 0, "decoding", opts):
-            pass
-        assert opts.memory_budget == budget, (vae, opts.mode)
+    monkeypatch.setattr(comfy.model_patcher, "DYNAMIC_VRAM", 2 << 30)
+    planned = []
+    monkeypatch.setattr(runtime.tiling, "plan_for", lambda model, d, shape, opts, **kw: planned.append(opts))
+    patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(1, 1), torch.device("cuda", 0), torch.device("cpu"))
+    free = (10 << 30) if comfy_version == "0.8" else (12 << 30)
+    cases = [("cuda", runtime.engine_options(), int(free * FREE_MEMORY_SHARE)),
+             ("cuda", runtime.engine_options(memory_budget=1 << 30), 1 << 30),
+             ("cuda", runtime.engine_options(mode="official"), None),
+             ("cpu", runtime.engine_options(), None)]
+    for device, opts, budget in cases:
+        settled = runtime.settle(None, DECODE, (1, 4, 2, 2, 3), opts, patcher, torch.device(device), runtime.Tiling())
+        assert settled is opts and opts.memory_budget == budget, (device, opts.mode)
+    assert len(planned) == 3  # every seamless plan is made before the pass (official needs none)
 
 
 def test_video_decode_explains_4d_latents_and_channel_mismatch(vae):
@@ -583,7 +588,7 @@ def test_newest_comfy_skips_the_untiled_attempt_that_would_not_fit(vae, engine_r
     monkeypatch.setattr(stage, "decode", lambda *a, **k: pytest.fail("the untiled attempt was made"))
     out = vae.decode(lat)
     torch.testing.assert_close(out, expected)
-    with stage.decoding(lat.shape):
+    with stage.serving(vae, DECODE, lat.shape):
         preferred = stage.preferred_decode_tile(free, vae.vae_dtype)
     assert [p.tile for _, _, p in engine_runs] == [8 * max(32, preferred)]
 
@@ -592,7 +597,7 @@ def test_preferred_decode_tile_grows_with_free_memory(vae):
     stage = vae.first_stage_model
     assert stage.preferred_decode_tile(1 << 40, torch.float32) == 0  # asked outside VAE.decode: no opinion
     shape = (1, 4, 3, 32, 32)
-    with stage.decoding(shape):
+    with stage.serving(vae, DECODE, shape):
         small = stage.preferred_decode_tile(vae.memory_used_decode(shape, None) // 4, torch.float32)
         large = stage.preferred_decode_tile(1 << 40, torch.float32)
     assert 8 <= small < large == 32  # the whole 256-px frame when it fits
