@@ -148,7 +148,10 @@ class Tiling:
             notify(f"{self.node}: the exact (seamless) plan needs {_needs(err)} {what}for this clip; running "
                    "official tiling instead (overlapping tiles blended: small seams or colour shifts are "
                    f"possible). For the exact result {hint}use fewer frames / a smaller size.")
-        return dataclasses.replace(opts, mode="official", memory_budget=None, disk_dir=None)
+        # Official tiling with the release's own tile and chunk sizes: piece sizes meant for the exact
+        # engine (or ComfyUI's tiled nodes) need not suit its overlapping tiles.
+        return dataclasses.replace(opts, mode="official", tile_size=None, chunk_frames=None, memory_budget=None,
+                                   disk_dir=None)
 
 
 def engine_options(tile_size: int | None = None, chunk_frames: int | None = None, output_device="cpu", pbar=None,
