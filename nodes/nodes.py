@@ -125,7 +125,8 @@ def tiling_inputs() -> list:
         io.Combo.Input("tiling", options=runtime.TILING_MODES, default="auto", tooltip=runtime.TILING_TOOLTIP),
         io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=runtime.TILE_SIZE_TOOLTIP),
         io.Int.Input("chunk_frames", default=0, min=0, max=4097, step=1, tooltip=runtime.CHUNK_TOOLTIP),
-        io.Boolean.Input("disk_spill", default=False, tooltip=runtime.DISK_SPILL_TOOLTIP),
+        # optional: prompts saved before this input existed stay valid
+        io.Boolean.Input("disk_spill", default=False, optional=True, tooltip=runtime.DISK_SPILL_TOOLTIP),
     ]
 
 
