@@ -35,7 +35,8 @@ strip = strip.repeat_interleave(3, 0).repeat_interleave(3, 1)
 write_png(ROOT / "docs" / "seam_crop.png", strip)
 for name, v in (("official", off), ("seamless", sea)):
     d = (v - ref).abs()
-    band = d[..., 48:80].mean().item(); rest = d.mean().item()
+    band = d[..., 48:80].mean().item()
+    rest = d.mean().item()
     # temporal flicker at the chunk border: frame-to-frame change vs untiled's
     dt = ((v[:, :, 1:] - v[:, :, :-1]) - (ref[:, :, 1:] - ref[:, :, :-1])).abs().mean(dim=(0, 1, 3, 4))
     print(f"{name}: mean|diff| in column band 48-80 {band:.4f}, whole frame {rest:.4f}; max {d.max():.4f}; "

@@ -18,8 +18,9 @@ ComfyUI's own tiler would normalise each tile on its own and blend them (colour 
 How each ComfyUI generation reaches it:
 
 * core VAEDecode / VAEEncode call the first stage's ``decode`` / ``encode``: the engine, with a
-  plan sized from free memory; ComfyUI sizes its batches and makes room with ``memory_used_*``,
-  the engine's estimate of that plan;
+  plan sized from what ComfyUI reports free once it has loaded the model, as in the pack's nodes with
+  tiling ``auto`` (official tiling, with one warning, when no exact plan fits); ComfyUI sizes its
+  batches and makes room with ``memory_used_*``, the engine's estimate of that plan;
 * core VAEDecodeTiled / VAEEncodeTiled call this class's ``decode_tiled`` / ``encode_tiled``: the
   engine with ComfyUI's tile and temporal sizes as its piece sizes;
 * ComfyUI's fallback after an out-of-memory error: 0.3x and newer see ``handles_tiling`` and call
@@ -30,6 +31,8 @@ How each ComfyUI generation reaches it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import logging
 import os
 import threading
@@ -52,6 +55,24 @@ from . import runtime
 log = logging.getLogger("CV-VAE")
 
 WORKING_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@dataclasses.dataclass
+class CoreCall:
+    """One call of a core VAE method, as the first stage sees it: the patcher ComfyUI loaded the model
+    with (it sizes the plan), the latent being decoded (for ``preferred_decode_tile``), and the tiling
+    choice (``auto``: one fallback warning per call however many batches ComfyUI makes)."""
+
+    patcher: object = None
+    shape: tuple | None = None
+    tiling: runtime.Tiling = dataclasses.field(default_factory=runtime.Tiling)
+
+
+def core_tiling(direction) -> runtime.Tiling:
+    if direction is tiling.ENCODE:
+        return runtime.Tiling(node="CV-VAE (VAE Encode)",
+                              exact_hint="encode with 'CV-VAE Video Encode' and disk_spill on")
+    return runtime.Tiling(node="CV-VAE (VAE Decode)", exact_hint="decode with 'CV-VAE Video Decode' and disk_spill on")
 
 
 class CVVAEFirstStage(nn.Module):
@@ -81,13 +102,13 @@ class CVVAEFirstStage(nn.Module):
         super().__init__()
         self.cvvae = cvvae
         self.output_device = output_device  # where ComfyUI wants results: the engine writes them there
-        self.decoding_shape = None  # the latent VAE.decode is working on (see preferred_decode_tile)
+        self.call: CoreCall | None = None  # set by CVVAEComfyVAE around each core call (see serving)
 
     @property
     def config(self):
         return self.cvvae.config
 
-    def encode(self, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, device: torch.device | None = None, **_unused) -> torch.Tensor:
         """Pixels ``[B, 3, T, H, W]`` in [-1, 1] (``T`` = 1+4k) -> latent ``[B, C, 1+k, h, w]``, float32
         on ComfyUI's output device. ``device`` (chunked-io callers) needs no handling: the model moves
         its input to the device ComfyUI loaded it on."""
@@ -119,12 +140,20 @@ class CVVAEFirstStage(nn.Module):
         return self.run(tiling.DECODE, z, self.options(tiling.DECODE, tile_x, tile_y, tile_t, overlap, overlap_t))
 
     def run(self, direction, x: torch.Tensor, opts) -> torch.Tensor:
-        """One engine pass; cancel and out-of-memory become what ComfyUI expects."""
-        with runtime.comfy_errors("encoding" if direction is tiling.ENCODE else "decoding"):
-            if direction is tiling.ENCODE:
-                self.check_frames(x.shape[2])
-                return self.cvvae.encode(x.clamp(-1.0, 1.0), tiling=opts)
-            return self.cvvae.decode(x, tiling=opts)
+        """One engine pass on the model ComfyUI has loaded: the plan settled first (see
+        runtime.settle), then cancel and out-of-memory become what ComfyUI expects."""
+        call = self.call or CoreCall(tiling=core_tiling(direction))
+        device = self.cvvae.device
+        opts = runtime.settle(self.cvvae, direction, x.shape, opts, call.patcher, device, call.tiling)
+        with runtime.device_context(device), runtime.comfy_errors(
+                "encoding" if direction is tiling.ENCODE else "decoding"):
+            return self.engine(direction, x, opts)
+
+    def engine(self, direction, x: torch.Tensor, opts) -> torch.Tensor:
+        if direction is tiling.ENCODE:
+            self.check_frames(x.shape[2])
+            return self.cvvae.encode(x.clamp(-1.0, 1.0), tiling=opts)
+        return self.cvvae.decode(x, tiling=opts)
 
     def check_frames(self, frames: int):
         cfg = self.config
@@ -155,30 +184,33 @@ class CVVAEFirstStage(nn.Module):
         """Newest ComfyUI's out-of-memory fallback asks this (latent pixels) for the clip ``VAE.decode``
         is working on: the largest square tile whose engine plan fits ``free_memory`` (``dtype`` is the
         model's own, which the estimate already uses)."""
-        if self.decoding_shape is None:
+        if self.call is None or self.call.shape is None:
             return 0  # not inside VAE.decode: ComfyUI keeps its own floor
         s = self.config.spatial_compression
-        shape = (1, *self.decoding_shape[1:])
+        shape = (1, *self.call.shape[1:])
         budget = int(free_memory * FREE_MEMORY_SHARE)
         tile = max(shape[3:]) * s
-        while tile > MIN_TILE:
+        while True:
             opts = runtime.engine_options(tile_size=tile, output_device=self.output_device, memory_budget=budget)
             try:
                 tiling.plan_for(self.cvvae, tiling.DECODE, shape, opts, budget=budget)
                 break
             except MemoryBudgetError:
-                pass
+                if tile <= MIN_TILE:
+                    return 0  # no exact plan at any tile: the pass falls back to official tiling (runtime.settle)
             tile = max(MIN_TILE, tile // 2 // s * s)
         return tile // s
 
     @contextlib.contextmanager
-    def decoding(self, shape):
-        """Tells :meth:`preferred_decode_tile` (called without a shape) which latent is being decoded."""
-        self.decoding_shape = tuple(shape)
+    def serving(self, vae, direction, shape=None):
+        """Around one core VAE call of ``vae``: the first stage's passes size their plans with its
+        patcher and share one fallback warning; ``shape`` is the latent VAE.decode works on (asked by
+        :meth:`preferred_decode_tile`, which ComfyUI calls without one)."""
+        self.call = CoreCall(vae.patcher, None if shape is None else tuple(shape), core_tiling(direction))
         try:
-            yield
+            yield self.call
         finally:
-            self.decoding_shape = None
+            self.call = None
 
 
 _overlap_noted = False
@@ -210,7 +242,6 @@ class CVVAEComfyVAE(comfy.sd.VAE):
             root.removeFilter(quiet)
         cfg = cvvae.config
         self.name = name
-        self.cvvae_model = cvvae
         self.output_device = mm.intermediate_device()
         self.first_stage_model = CVVAEFirstStage(cvvae, self.output_device).eval()
         self.latent_channels = cvvae.latent_channels
@@ -238,22 +269,36 @@ class CVVAEComfyVAE(comfy.sd.VAE):
         log.info("CV-VAE %s (%s, %d latent channels) load device: %s, dtype: %s", name, cvvae.variant,
                  self.latent_channels, self.device, self.vae_dtype)
 
+    @property
+    def cvvae_model(self):
+        """The :class:`cvvae_core.CVVAE` this VAE runs: the first stage's, which Select VAE Device
+        replaces with a fresh copy on another GPU."""
+        return self.first_stage_model.cvvae
+
     def pass_bytes(self, direction, shape) -> int:
         """Device bytes of the engine's plan for one batch element of ``shape`` (4-D: one frame), as
-        ComfyUI sizes batches per element; the plan the first stage then runs (see runtime.memory_request)."""
+        ComfyUI sizes batches per element; the plan the first stage then runs (see runtime.request):
+        official tiling's when no exact plan fits."""
         shape = [1, *shape[1:]]
         if len(shape) == 4:
             shape.insert(2, 1)
         opts = runtime.engine_options(output_device=self.output_device)
-        return tiling.memory_request(self.cvvae_model, direction, shape, opts, device=self.device)
+        try:
+            return tiling.memory_request(self.cvvae_model, direction, shape, opts, device=self.device)
+        except MemoryBudgetError:
+            official = dataclasses.replace(opts, mode="official")
+            return tiling.memory_request(self.cvvae_model, direction, shape, official, device=self.device)
 
-    # Core methods: 4D latents are frames-as-batch image latents ---------------------------------
+    # Core methods: 4D latents are frames-as-batch image latents. Every method ComfyUI calls takes
+    # unknown keyword arguments (newer ComfyUI passes more, e.g. not_video or a progress label).
     def encode(self, pixel_samples, **kwargs):
         framewise = kwargs.get("not_video", self.not_video)
-        return _squeeze_single_frame(super().encode(pixel_samples, **kwargs), framewise)
+        with self.first_stage_model.serving(self, tiling.ENCODE):
+            latent = super().encode(pixel_samples, **_accepted(comfy.sd.VAE.encode, kwargs))
+        return _squeeze_single_frame(latent, framewise)
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None,
-                     not_video=None):
+                     not_video=None, **_unused):
         """Core VAE Encode (Tiled): the exact engine with ComfyUI's sizes as piece sizes (pixels,
         frames); the same latents as VAE Encode."""
         framewise = self.not_video if not_video is None else not_video
@@ -261,35 +306,39 @@ class CVVAEComfyVAE(comfy.sd.VAE):
         pixels = pixels.unsqueeze(2) if framewise else pixels.movedim(1, 0).unsqueeze(0)
         stage = self.first_stage_model
         opts = stage.options(tiling.ENCODE, tile_x, tile_y, tile_t, overlap, overlap_t)
-        with runtime.comfy_pass(self, runtime.memory_request(self, "encode", pixels.shape, opts), "encoding", opts):
-            latent = stage.run(tiling.ENCODE, self.process_input(pixels), opts)
-        return _squeeze_single_frame(latent.to(self.output_device, torch.float32), framewise)
+        with stage.serving(self, tiling.ENCODE) as call, \
+                runtime.comfy_pass(self, tiling.ENCODE, pixels.shape, call.tiling, opts) as opts:
+            latent = stage.engine(tiling.ENCODE, self.process_input(pixels), opts)
+        latent = _squeeze_single_frame(latent.to(self.output_device, runtime.output_dtype()), framewise)
+        formatted = getattr(self, "format_encoded", None)  # ComfyUI 0.3x: as its own encode_tiled ends
+        return latent if formatted is None else formatted(latent)
 
-    def decode(self, samples_in, vae_options={}):
+    def decode(self, samples_in, vae_options={}, **kwargs):
         latent = self._video_latent(samples_in)
-        with self.first_stage_model.decoding(latent.shape):
-            out = super().decode(latent, vae_options)
+        with self.first_stage_model.serving(self, tiling.DECODE, latent.shape):
+            out = super().decode(latent, vae_options, **_accepted(comfy.sd.VAE.decode, kwargs))
         return out[:, 0] if samples_in.dim() == 4 else out
 
-    def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+    def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None, **_unused):
         """Core VAE Decode (Tiled): the exact engine with ComfyUI's sizes as piece sizes (latent pixels,
         latent frames); the same frames as VAE Decode."""
         latent = self._video_latent(samples)
         stage = self.first_stage_model
         opts = stage.options(tiling.DECODE, tile_x, tile_y, tile_t, overlap, overlap_t)
-        with runtime.comfy_pass(self, runtime.memory_request(self, "decode", latent.shape, opts), "decoding", opts):
-            video = stage.run(tiling.DECODE, latent, opts)
-        out = self.process_output(video.to(self.output_device, torch.float32)).movedim(1, -1)
+        with stage.serving(self, tiling.DECODE) as call, \
+                runtime.comfy_pass(self, tiling.DECODE, latent.shape, call.tiling, opts) as opts:
+            video = stage.engine(tiling.DECODE, latent, opts)
+        out = self.process_output(video.to(self.output_device, runtime.output_dtype())).movedim(1, -1)
         return out[:, 0] if samples.dim() == 4 else out
 
     # ComfyUI 0.8.0's out-of-memory fallback (newer ones go through handles_tiling) ------------------
-    def decode_tiled_3d(self, samples, tile_t=None, tile_x=None, tile_y=None, overlap=None):
+    def decode_tiled_3d(self, samples, tile_t=None, tile_x=None, tile_y=None, overlap=None, **_unused):
         video = self.first_stage_model.decode_tiled(samples, tile_x, tile_y, None, tile_t)
-        return self.process_output(video.to(self.output_device, torch.float32))
+        return self.process_output(video.to(self.output_device, runtime.output_dtype()))
 
-    def encode_tiled_3d(self, samples, tile_t=None, tile_x=None, tile_y=None, overlap=None):
+    def encode_tiled_3d(self, samples, tile_t=None, tile_x=None, tile_y=None, overlap=None, **_unused):
         latent = self.first_stage_model.encode_tiled(self.process_input(samples), tile_x, tile_y, None, tile_t)
-        return latent.to(self.output_device, torch.float32)
+        return latent.to(self.output_device, runtime.output_dtype())
 
     @property
     def config(self):
@@ -304,6 +353,15 @@ class CVVAEComfyVAE(comfy.sd.VAE):
 
     def __repr__(self):
         return f"CVVAEComfyVAE({self.name!r}, variant={self.cvvae_model.variant}, dtype={self.vae_dtype})"
+
+
+def _accepted(method, kwargs: dict) -> dict:
+    """The keyword arguments this ComfyUI's ``method`` takes; the others are for this pack's VAE only
+    or from a newer ComfyUI, and are dropped."""
+    params = inspect.signature(method).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def _squeeze_single_frame(latent: torch.Tensor, framewise: bool) -> torch.Tensor:
@@ -343,17 +401,28 @@ def load_comfy_vae(path: str, dtype_choice: str = "auto", name: str | None = Non
     anything in ComfyUI still holds it; ComfyUI's model management moves it between devices."""
     path = os.path.realpath(path)
     st = os.stat(path)
-    dtype = resolve_dtype(dtype_choice)
-    key = (path, dtype, st.st_mtime_ns, st.st_size)
+    key = (path, resolve_dtype(dtype_choice), st.st_mtime_ns, st.st_size)
     with _cache_lock:
         vae = _cache.get(key)
-        if vae is not None:
-            return vae
-        # Built on the offload device straight in the working dtype: one copy of the weights, never
-        # an fp32 copy that is then cast. The user picked the file from ComfyUI's model list, which
-        # offers .ckpt/.pt too; like ComfyUI's own loaders these are read with
-        # torch.load(weights_only=True), never fully unpickled.
-        cvvae = load_model(path, device=mm.vae_offload_device(), dtype=dtype, allow_pickle=True)
-        vae = CVVAEComfyVAE(cvvae, name=name or os.path.basename(path))
-        _cache[key] = vae
+        if vae is None:
+            vae = _cache[key] = build_comfy_vae(path, dtype_choice, name)
         return vae
+
+
+def build_comfy_vae(path: str, dtype_choice: str = "auto", name: str | None = None) -> CVVAEComfyVAE:
+    """A new CV-VAE from ``path``, built on the offload device straight in the working dtype: one copy
+    of the weights, never an fp32 copy that is then cast. The user picked the file from ComfyUI's model
+    list, which offers .ckpt/.pt too; like ComfyUI's own loaders these are read with
+    torch.load(weights_only=True), never fully unpickled."""
+    cvvae = load_model(path, device=mm.vae_offload_device(), dtype=resolve_dtype(dtype_choice), allow_pickle=True)
+    vae = CVVAEComfyVAE(cvvae, name=name or os.path.basename(path))
+    # ComfyUI 0.3x builds another copy through this factory when a node moves the VAE to another GPU
+    # (Select VAE Device: ModelPatcher.deepclone_multigpu).
+    vae.patcher.cached_patcher_init = (load_cvvae_patcher, (path, dtype_choice, name))
+    return vae
+
+
+def load_cvvae_patcher(path: str, dtype_choice: str = "auto", name: str | None = None, disable_dynamic=False):
+    """The patcher of a fresh CV-VAE from ``path`` (``cached_patcher_init``'s factory; the pack's
+    patchers are never dynamic, so ``disable_dynamic`` changes nothing)."""
+    return build_comfy_vae(path, dtype_choice, name).patcher

@@ -10,9 +10,11 @@ import comfy.model_management as mm
 import folder_paths
 
 from ..cvvae_core.io import builtin
+from ..cvvae_core.io.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from ..cvvae_core.spec import IMAGE_FAMILIES, PRESETS
 from ..cvvae_core.errors import CheckpointError, CheckpointNotFoundError
-from ..cvvae_core.model.frames import FrameAdjustment, FramedLatent
+from ..cvvae_core.model.frames import FrameAdjustment, FramedLatent, conform
+from ..cvvae_core.tiling import DECODE, ENCODE
 from . import runtime
 from .comfy_vae import get_cvvae, load_comfy_vae
 
@@ -21,13 +23,20 @@ MODEL_FOLDER = "cvvae"
 BUILTIN_NAME = "builtin (small demo model)"
 ADJUSTMENT_KEY = "cvvae_adjustment"
 FRAME_POLICIES = ["pad", "trim", "error"]
+LOADABLE_EXTENSIONS = frozenset(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
 
 
 # Model files ---------------------------------------------------------------------------------
+def loadable(name: str) -> bool:
+    """Whether Load CV-VAE can read a file of this name (ComfyUI's model lists also offer formats such as
+    .pt2 that no weights loader reads)."""
+    return os.path.splitext(name)[1].lower() in LOADABLE_EXTENSIONS
+
+
 def register_model_folder():
     """``models/cvvae`` (plus any ``cvvae:`` entry in extra_model_paths.yaml) as a model folder."""
     default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    exts = set(folder_paths.supported_pt_extensions)
+    exts = set(folder_paths.supported_pt_extensions) & LOADABLE_EXTENSIONS
     if MODEL_FOLDER in folder_paths.folder_names_and_paths:
         paths, old = folder_paths.folder_names_and_paths[MODEL_FOLDER]
         if default not in paths:
@@ -51,7 +60,7 @@ def model_choices() -> list[str]:
         names.append(BUILTIN_NAME)
     for folder in (MODEL_FOLDER, "vae"):
         for name in folder_paths.get_filename_list(folder):
-            if name not in names:
+            if loadable(name) and name not in names:
                 names.append(name)
     return names
 
@@ -116,6 +125,8 @@ def tiling_inputs() -> list:
         io.Combo.Input("tiling", options=runtime.TILING_MODES, default="auto", tooltip=runtime.TILING_TOOLTIP),
         io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=runtime.TILE_SIZE_TOOLTIP),
         io.Int.Input("chunk_frames", default=0, min=0, max=4097, step=1, tooltip=runtime.CHUNK_TOOLTIP),
+        # optional: prompts saved before this input existed stay valid
+        io.Boolean.Input("disk_spill", default=False, optional=True, tooltip=runtime.DISK_SPILL_TOOLTIP),
     ]
 
 
@@ -139,17 +150,18 @@ class CVVAEVideoEncode(io.ComfyNode):
             outputs=[io.Latent.Output(display_name="LATENT")])
 
     @classmethod
-    def execute(cls, vae, images, frame_policy="pad", tiling="auto", tile_size=0, chunk_frames=0):
-        model = get_cvvae(vae, "CV-VAE Video Encode")
-        video = runtime.images_to_video(images)
+    def execute(cls, vae, images, frame_policy="pad", tiling="auto", tile_size=0, chunk_frames=0, disk_spill=False):
+        node = "CV-VAE Video Encode"
+        model = get_cvvae(vae, node)
+        choice = runtime.Tiling(tiling, tile_size, chunk_frames, disk_spill, node=node)
+        video, adjust = conform(runtime.images_to_video(images), model.config, frame_policy)
         pbar = runtime.progress_bar()
-        opts = runtime.tiling_options(tiling, tile_size, chunk_frames, pbar, vae.output_device)
-        need = runtime.memory_request(vae, "encode", video.shape, opts)
-        with runtime.comfy_pass(vae, need, "encoding", opts):
-            out = model.encode_framed(video, frame_policy=frame_policy, tiling=opts)
+        opts = choice.options(vae.output_device, pbar)
+        with runtime.comfy_pass(vae, ENCODE, video.shape, choice, opts) as opts:
+            latent = model.encode(video, tiling=opts)
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(1, 1)
-        latent, adjust = out.latent.to(vae.output_device, torch.float32), out.adjustment
+        latent = latent.to(vae.output_device, runtime.output_dtype())
         result = {"samples": latent}
         if adjust.changed:
             result[ADJUSTMENT_KEY] = {**vars(adjust), "latent_shape": list(latent.shape)}
@@ -174,20 +186,21 @@ class CVVAEVideoDecode(io.ComfyNode):
             outputs=[io.Image.Output(display_name="IMAGE")])
 
     @classmethod
-    def execute(cls, vae, samples, tiling="auto", tile_size=0, chunk_frames=0):
-        model = get_cvvae(vae, "CV-VAE Video Decode")
+    def execute(cls, vae, samples, tiling="auto", tile_size=0, chunk_frames=0, disk_spill=False):
+        node = "CV-VAE Video Decode"
+        model = get_cvvae(vae, node)
         latent = samples["samples"]
         if latent.dim() == 4:
             raise ValueError(
                 f"CV-VAE Video Decode got a 4D latent {list(latent.shape)}: that is a frames-as-batch image latent "
                 "(SD/SVD). Put 'CV-VAE Latent Adapter' (mode batch_to_video) in front to decode the batch as one "
                 "video (4x the frames), or use core VAE Decode to decode each frame as an image.")
-        check_channels(latent, vae, "CV-VAE Video Decode")
+        check_channels(latent, vae, node)
         adjust = recorded_adjustment(samples, latent)
+        choice = runtime.Tiling(tiling, tile_size, chunk_frames, disk_spill, node=node)
         pbar = runtime.progress_bar()
-        opts = runtime.tiling_options(tiling, tile_size, chunk_frames, pbar, vae.output_device)
-        need = runtime.memory_request(vae, "decode", latent.shape, opts)
-        with runtime.comfy_pass(vae, need, "decoding", opts):
+        opts = choice.options(vae.output_device, pbar)
+        with runtime.comfy_pass(vae, DECODE, latent.shape, choice, opts) as opts:
             video = model.decode(FramedLatent(latent, adjust), tiling=opts)
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(1, 1)

@@ -9,6 +9,8 @@ its custom_nodes, and models from the checkout's models/ folder. Then:
     (tests/comfy_stub/object_info_core_<version>.json) still matches it;
   * every example workflow that needs no external model is converted to an API prompt and run
     through the HTTP API; outputs are checked (frame counts, sizes);
+  * core VAE Decode/Encode (tiled too) and, where ComfyUI has it, Select VAE Device ("default")
+    give the pack's own nodes' frames; prompts without the optional disk_spill input stay valid;
   * the SVD swap workflow runs end to end when a (random-weight) SVD checkpoint is available
     (COMFYUI_SVD_CKPT = its file name in models/checkpoints, default random_svd.safetensors;
     shared/tools/make_random_svd.py writes one), at 64x64, 5 frames, 1 step;
@@ -229,12 +231,20 @@ def test_core_tiled_nodes_and_a_saved_latent_give_the_video_decode_frames(server
                                                       "filename_prefix": "check/core_encode_tiled"}},
         "12": {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "check/core_encode"}},
     }
+    selector = "SelectVAEDevice" in object_info  # ComfyUI 0.33 and newer: the pack's VAE through it
+    if selector:
+        prompt["13"] = {"class_type": "SelectVAEDevice", "inputs": {"vae": vae, "device": "default"}}
+        prompt["14"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["13", 0]}}
+        prompt["15"] = {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "check/selected"}}
     entry = server.run_prompt(prompt, timeout=900)
     video = png_frames(saved(server, entry, "images", "check/video_decode"))
     tiled = png_frames(saved(server, entry, "images", "check/core_tiled"))
     assert video.shape == tiled.shape == (17, 128, 192, 3)
     tiled_diff = int(np.abs(video - tiled).max())
     assert tiled_diff <= 1, f"core tiled decode {tiled_diff}/255 away from Video Decode"  # 8-bit rounding only
+    if selector:
+        selected = png_frames(saved(server, entry, "images", "check/selected"))
+        assert selected.shape == video.shape and int(np.abs(selected - video).max()) <= 1
     enc_tiled = latent_tensor(saved(server, entry, "latents", "check/core_encode_tiled")[0])
     enc = latent_tensor(saved(server, entry, "latents", "check/core_encode")[0])
     assert enc.shape == (17, 4, 16, 24)  # frame-wise, like an SD VAE

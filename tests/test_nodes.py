@@ -14,10 +14,12 @@ from pack_loader import ROOT, load_pack  # noqa: E402
 
 pack = load_pack()
 import comfy.model_management as mm  # noqa: E402  (the stand-in)
+import comfy.model_patcher  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
 from cvvae_pack import cvvae_core  # noqa: E402
+from cvvae_pack.cvvae_core.tiling import DECODE, ENCODE  # noqa: E402
 from cvvae_pack.nodes import comfy_vae, nodes  # noqa: E402
 
 TINY = cvvae_core.CVVAEConfig(variant="sd", latent_channels=4, base_channels=8, channel_mult=(1, 2, 2, 2),
@@ -345,24 +347,27 @@ def test_out_of_memory_says_what_to_do(vae, monkeypatch):
     assert True in mm.EMPTY_CACHE_CALLS
 
 
-def test_automatic_plan_on_a_gpu_is_sized_from_comfyuis_free_memory(monkeypatch):
+def test_automatic_plan_on_a_gpu_is_sized_from_comfyuis_free_memory(monkeypatch, comfy_version):
     """Once ComfyUI has loaded the model, an automatic seamless plan takes its budget from what
-    ComfyUI reports free (its cache counts as free there); given sizes, other modes and CPU keep theirs."""
+    ComfyUI reports free: the patcher's figure where it has one (0.33 and newer: it counts reclaimable
+    dynamic VRAM too), else the global one; given budgets, other modes and CPU keep theirs."""
     from cvvae_pack.nodes import runtime
     from cvvae_pack.cvvae_core.tiling.planner import FREE_MEMORY_SHARE
 
     monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: 10 << 30)
-    patcher = type("Patcher", (), {"load": lambda self: None})()
-    gpu = type("GpuVae", (), {"patcher": patcher, "device": torch.device("cuda", 0)})()
-    cpu = type("CpuVae", (), {"patcher": patcher, "device": torch.device("cpu")})()
-    cases = [(gpu, runtime.engine_options(), int((10 << 30) * FREE_MEMORY_SHARE)),
-             (gpu, runtime.engine_options(memory_budget=1 << 30), 1 << 30),
-             (gpu, runtime.engine_options(mode="official"), None),
-             (cpu, runtime.engine_options(), None)]
-    for vae, opts, budget in cases:
-        with runtime.comfy_pass(vae, 0, "decoding", opts):
-            pass
-        assert opts.memory_budget == budget, (vae, opts.mode)
+    monkeypatch.setattr(comfy.model_patcher, "DYNAMIC_VRAM", 2 << 30)
+    planned = []
+    monkeypatch.setattr(runtime.tiling, "plan_for", lambda model, d, shape, opts, **kw: planned.append(opts))
+    patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(1, 1), torch.device("cuda", 0), torch.device("cpu"))
+    free = (10 << 30) if comfy_version == "0.8" else (12 << 30)
+    cases = [("cuda", runtime.engine_options(), int(free * FREE_MEMORY_SHARE)),
+             ("cuda", runtime.engine_options(memory_budget=1 << 30), 1 << 30),
+             ("cuda", runtime.engine_options(mode="official"), None),
+             ("cpu", runtime.engine_options(), None)]
+    for device, opts, budget in cases:
+        settled = runtime.settle(None, DECODE, (1, 4, 2, 2, 3), opts, patcher, torch.device(device), runtime.Tiling())
+        assert settled is opts and opts.memory_budget == budget, (device, opts.mode)
+    assert len(planned) == 3  # every seamless plan is made before the pass (official needs none)
 
 
 def test_video_decode_explains_4d_latents_and_channel_mismatch(vae):
@@ -583,7 +588,7 @@ def test_newest_comfy_skips_the_untiled_attempt_that_would_not_fit(vae, engine_r
     monkeypatch.setattr(stage, "decode", lambda *a, **k: pytest.fail("the untiled attempt was made"))
     out = vae.decode(lat)
     torch.testing.assert_close(out, expected)
-    with stage.decoding(lat.shape):
+    with stage.serving(vae, DECODE, lat.shape):
         preferred = stage.preferred_decode_tile(free, vae.vae_dtype)
     assert [p.tile for _, _, p in engine_runs] == [8 * max(32, preferred)]
 
@@ -592,7 +597,7 @@ def test_preferred_decode_tile_grows_with_free_memory(vae):
     stage = vae.first_stage_model
     assert stage.preferred_decode_tile(1 << 40, torch.float32) == 0  # asked outside VAE.decode: no opinion
     shape = (1, 4, 3, 32, 32)
-    with stage.decoding(shape):
+    with stage.serving(vae, DECODE, shape):
         small = stage.preferred_decode_tile(vae.memory_used_decode(shape, None) // 4, torch.float32)
         large = stage.preferred_decode_tile(1 << 40, torch.float32)
     assert 8 <= small < large == 32  # the whole 256-px frame when it fits
@@ -641,3 +646,269 @@ def test_the_loader_builds_the_model_once_in_its_working_dtype(models, monkeypat
     vae = run(nodes.CVVAELoader, model_name="tiny_cvvae_sd3.safetensors", dtype="auto")[0]
     assert built == [torch.bfloat16] and vae.vae_dtype == torch.bfloat16
     assert {p.dtype for p in vae.first_stage_model.parameters()} == {torch.bfloat16}
+
+
+# ComfyUI 0.38 semantics --------------------------------------------------------------------------------
+def test_out_of_memory_reaches_comfyui_as_its_oom_after_the_engines_own_fallback(vae, comfy_version, monkeypatch):
+    """The engine first retries with smaller plans; what still runs out of memory is raised as a
+    torch.OutOfMemoryError, so ComfyUI's own fallback (0.8: ``except OOM_EXCEPTION``, newer:
+    ``raise_non_oom``) takes over: it asks for tiles, which fit here."""
+    from cvvae_pack.cvvae_core.tiling import runner
+    attempts, real = [], runner._seamless
+
+    def seamless(model, x, opts, direction, plan, group):
+        attempts.append(opts.tile_size)
+        if opts.tile_size is None:  # only ComfyUI's tiled fallback (given sizes) fits
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(model, x, opts, direction, plan, group)
+    monkeypatch.setattr(runner, "_seamless", seamless)
+    lat = torch.randn(1, 4, 2, 8, 8)
+    out = vae.decode(lat)
+    torch.testing.assert_close(out, reference_video(vae, lat))
+    untiled = [a for a in attempts if a is None]
+    assert len(untiled) > 1, "the engine's own smaller plans ran before ComfyUI's fallback"
+    assert attempts[len(untiled):] and None not in attempts[len(untiled):]
+    monkeypatch.setattr(runner, "_seamless", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")))
+    with pytest.raises(cvvae_core.OutOfMemoryError, match="tiling") as e:
+        run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": lat}, tiling="auto")
+    assert isinstance(e.value, mm.OOM_EXCEPTION) and "\n" not in str(e.value)
+    if comfy_version != "0.8":
+        assert mm.is_oom(e.value)
+
+
+@pytest.mark.parametrize("call", ["decode", "decode_tiled", "encode", "encode_tiled"])
+def test_every_vae_method_comfyui_calls_takes_unknown_keywords(vae, comfy_version, call):
+    """A newer ComfyUI passes more keywords (an open pull request adds term_pbar_desc= to decode and
+    the tiled encode); they are accepted, and only those the base class takes are handed on."""
+    lat, imgs = torch.randn(1, 4, 2, 2, 3), frames(2)
+    extra = {"term_pbar_desc": "VAE", "some_future_option": 1}
+    calls = {"decode": lambda **k: vae.decode(lat, **k),
+             "decode_tiled": lambda **k: vae.decode_tiled(lat, tile_x=8, tile_y=8, **k),
+             "encode": lambda **k: vae.encode(imgs, **k),
+             "encode_tiled": lambda **k: vae.encode_tiled(imgs, tile_x=64, tile_y=64, **k)}
+    torch.testing.assert_close(calls[call](**extra), calls[call]())
+    stage = vae.first_stage_model
+    assert stage.decode(lat, **extra).shape == stage.decode_output_shape(lat.shape)
+    assert stage.encode(imgs.movedim(-1, 1).unsqueeze(2) * 2 - 1, device=vae.device, **extra).shape == (2, 4, 1, 2, 3)
+    assert vae.decode_tiled_3d(lat, tile_x=8, **extra).shape == (1, 3, 5, 16, 24)
+    assert vae.encode_tiled_3d(imgs.movedim(-1, 1).unsqueeze(2), tile_x=64, **extra).shape == (2, 4, 1, 2, 3)
+
+
+def test_outputs_are_in_comfyuis_intermediate_dtype(vae, comfy_version, monkeypatch):
+    """--fp16-intermediates (0.33 and newer): images and latents between nodes are float16, from core
+    VAE nodes (tiled too) and the pack's nodes alike; 0.8.0 has no such option (float32)."""
+    monkeypatch.setattr(mm, "INTERMEDIATE_DTYPE", torch.float16)
+    want = torch.float32 if comfy_version == "0.8" else torch.float16
+    lat, imgs = torch.randn(1, 4, 2, 2, 3), frames(5)
+    results = {"decode": vae.decode(lat), "decode_tiled": vae.decode_tiled(lat, tile_x=8, tile_y=8),
+               "encode": vae.encode(imgs), "encode_tiled": vae.encode_tiled(imgs, tile_x=64, tile_y=64),
+               "Video Encode": run(nodes.CVVAEVideoEncode, vae=vae, images=imgs)[0]["samples"],
+               "Video Decode": run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": lat})[0]}
+    assert {k: v.dtype for k, v in results.items()} == dict.fromkeys(results, want)
+
+
+def test_passes_run_in_comfyuis_device_context(vae, comfy_version):
+    """0.33 and newer make the VAE's device CUDA's current one (a VAE on a second GPU) around every
+    pass: core calls (inside ComfyUI's own context) and the pack's own passes."""
+    mm.DEVICE_CONTEXTS.clear()
+    lat = torch.randn(1, 4, 2, 2, 3)
+    vae.decode_tiled(lat, tile_x=8, tile_y=8)
+    run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": lat})
+    if comfy_version == "0.8":
+        assert not hasattr(mm, "cuda_device_context") and mm.DEVICE_CONTEXTS == []
+    else:
+        assert len(mm.DEVICE_CONTEXTS) >= 2 and set(mm.DEVICE_CONTEXTS) == {torch.device(vae.device)}
+
+
+def test_cancel_reaches_comfyui_as_its_interrupt_in_every_version(vae, comfy_version):
+    """ComfyUI's InterruptProcessingException is an Exception in 0.8.0 and a BaseException from 0.33.0
+    on; a cancel inside a core VAE call is never taken for an out-of-memory error and retried."""
+    assert issubclass(mm.InterruptProcessingException, Exception) == (comfy_version == "0.8")
+    for call in (lambda: vae.decode(torch.randn(1, 4, 3, 2, 3)), lambda: vae.encode(frames(2)),
+                 lambda: run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": torch.randn(1, 4, 3, 2, 3)})):
+        mm.interrupt_processing = True
+        with pytest.raises(mm.InterruptProcessingException):
+            call()
+        assert not mm.interrupt_processing
+
+
+def test_channels_follow_comfyuis_crop_and_a_grayscale_image_gets_one_line(vae, comfy_version):
+    """The pack's VAE keeps ComfyUI's default ``pad_channel_value`` (None): an RGBA image is encoded
+    from its RGB, a 1-channel one stops with a one-line error saying RGB."""
+    rgba = torch.cat([frames(2), torch.ones(2, 16, 24, 1)], dim=-1)
+    assert vae.pad_channel_value is None
+    torch.testing.assert_close(vae.encode(rgba), vae.encode(rgba[..., :3]))
+    with pytest.raises(cvvae_core.InputError, match="RGB") as e:
+        vae.encode(frames(2)[..., :1])
+    assert "\n" not in str(e.value)
+
+
+def test_format_encoded_applies_to_tiled_encodes_too(vae, monkeypatch):
+    """0.33 and newer pass what ``encode`` / ``encode_tiled`` return through ``format_encoded`` when a
+    VAE sets one; the pack's own encode_tiled does the same."""
+    import comfy.sd
+    monkeypatch.setattr(comfy.sd, "GENERATION", "0.38")
+    imgs = frames(2)
+    plain = vae.encode(imgs), vae.encode_tiled(imgs, tile_x=64, tile_y=64)
+    assert vae.format_encoded is None
+    monkeypatch.setattr(vae, "format_encoded", lambda x: x * 2, raising=False)
+    torch.testing.assert_close(vae.encode(imgs), plain[0] * 2)
+    torch.testing.assert_close(vae.encode_tiled(imgs, tile_x=64, tile_y=64), plain[1] * 2)
+
+
+def select_vae_device(vae, device):
+    """What core 'Select VAE Device' (ComfyUI 0.33.0, comfy_extras/nodes_multigpu.py) does to a VAE for a
+    GPU other than the loaded one: a shallow copy whose patcher is a deep clone on that device."""
+    import copy
+    vae = copy.copy(vae)
+    vae.patcher = vae.patcher.clone()
+    vae.patcher = vae.patcher.deepclone_multigpu(new_load_device=device)
+    vae.first_stage_model = vae.patcher.model
+    vae.device = device
+    return vae
+
+
+def test_select_vae_device_builds_a_fresh_copy_for_the_other_device(vae, monkeypatch):
+    """The loader registers ``cached_patcher_init``: Select VAE Device gets a new CV-VAE (not the cached
+    one) and every node then runs that copy, with the same result."""
+    import comfy.sd
+    monkeypatch.setattr(comfy.sd, "GENERATION", "0.33")
+    other = torch.device("cpu", 0)  # stands for cuda:1: a device that is not the loader's
+    moved = select_vae_device(vae, other)
+    assert moved.patcher.load_device == other and moved.device == other
+    assert moved.cvvae_model is moved.first_stage_model.cvvae and moved.cvvae_model is not vae.cvvae_model
+    assert moved.first_stage_model is not vae.first_stage_model and vae.patcher.load_device != other
+    lat = torch.randn(1, 4, 2, 2, 3)
+    mm.LOADS.clear()
+    (out,) = run(nodes.CVVAEVideoDecode, vae=moved, samples={"samples": lat}, tiling="none")
+    assert [p for p, _, _ in mm.LOADS] == [moved.patcher]
+    torch.testing.assert_close(out, run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": lat}, tiling="none")[0])
+    torch.testing.assert_close(moved.decode(lat), vae.decode(lat))
+    # without the factory ComfyUI refuses with its own clear message (and the node passes the VAE through)
+    bare = comfy.model_patcher.ModelPatcher(vae.first_stage_model, vae.device, vae.device)
+    with pytest.raises(RuntimeError, match="cached_patcher_init"):
+        bare.deepclone_multigpu(new_load_device=other)
+
+
+def test_loader_lists_only_files_it_can_load(models):
+    """ComfyUI's model extensions include .pt2 (exported programs), which no weights loader reads."""
+    stray = Path(folder_paths.models_dir) / "vae" / "exported.pt2"
+    stray.write_bytes(b"not weights")
+    try:
+        names = nodes.model_choices()
+        assert "exported.pt2" not in names and "tiny_cvvae.safetensors" in names
+        exts = folder_paths.folder_names_and_paths["cvvae"][1]
+        assert ".pt2" not in exts and {".safetensors", ".ckpt", ".pt", ".sft"} <= exts
+    finally:
+        stray.unlink()
+
+
+# Memory budgets: exact, official with one warning (auto), or a refusal (seamless) ---------------------
+GIB = 2 ** 30
+
+
+@pytest.fixture
+def over_budget(monkeypatch):
+    """The engine finds no exact plan within the budgets (as for an SVD clip on a 32 GB machine):
+    ``when`` = "request" fails already when asking ComfyUI for room, "loaded" only once the model is
+    loaded (the plan made with the free memory). Returns the calls to the planner."""
+    from cvvae_pack.cvvae_core.errors import MemoryBudgetError
+    from cvvae_pack.cvvae_core.tiling import planner, runner
+    calls = []
+
+    def setup(when="request"):
+        def choose_plan(*args, **kw):
+            calls.append(kw)
+            if when == "request" or len(calls) > 1:
+                raise MemoryBudgetError("no exact plan fits", device_needed=3 * GIB, host_needed=int(41.9 * GIB),
+                                        device_budget=None, host_budget=int(25.6 * GIB))
+            return real(*args, **kw)
+        for module in (planner, runner):
+            monkeypatch.setattr(module, "choose_plan", choose_plan)
+        return calls
+    real = planner.choose_plan
+    return setup
+
+
+@pytest.fixture
+def official_runs(monkeypatch):
+    from cvvae_pack.cvvae_core.tiling import runner
+    runs, real = [], runner.run_official
+
+    def spy(model, x, direction, opts):
+        runs.append((direction.name, tuple(x.shape), opts))
+        return real(model, x, direction, opts)
+    monkeypatch.setattr(runner, "run_official", spy)
+    return runs
+
+
+@pytest.fixture
+def on_node(monkeypatch):
+    """ComfyUI executing node "12"; returns what the nodes showed there (progress text)."""
+    import comfy_execution.utils
+    import server
+    monkeypatch.setattr(comfy_execution.utils, "CURRENT", comfy_execution.utils.ExecutionContext("p", "12"))
+    server.PromptServer.instance.progress_texts.clear()
+    return server.PromptServer.instance.progress_texts
+
+
+@pytest.mark.parametrize("when", ["request", "loaded"])
+def test_auto_falls_back_to_official_with_one_warning_saying_what_exact_needed(vae, over_budget, official_runs,
+                                                                             on_node, engine_runs, caplog, when):
+    over_budget(when)
+    lat = torch.randn(1, 4, 3, 2, 3)
+    with caplog.at_level(logging.WARNING, logger="CV-VAE"):
+        (out,) = run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": lat}, tiling="auto")
+    assert out.shape == (9, 16, 24, 3)
+    assert [(d, s, o.mode) for d, s, o in official_runs] == [("decode", (1, 4, 3, 2, 3), "official")]
+    assert engine_runs == []  # no exact pass was started
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and on_node == [(lines[0], "12")]
+    assert all(s in lines[0] for s in ("CV-VAE Video Decode", "41.9 GiB", "25.6 GiB", "official", "disk_spill"))
+    assert "\n" not in lines[0]
+
+
+def test_seamless_chosen_refuses_before_any_work_with_one_line(vae, over_budget, official_runs, engine_runs):
+    over_budget("request")
+    with pytest.raises(cvvae_core.MemoryBudgetError) as e:
+        run(nodes.CVVAEVideoEncode, vae=vae, images=frames(5), tiling="seamless")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("CV-VAE Video Encode:") and "41.9 GiB" in msg and "disk_spill" in msg
+    assert (e.value.host_needed, e.value.host_budget) == (int(41.9 * GIB), int(25.6 * GIB))
+    assert not mm.LOADS and not official_runs and not engine_runs  # nothing loaded, nothing run
+
+
+def test_disk_spill_names_comfyuis_temp_folder_to_the_engine(vae, monkeypatch, engine_runs):
+    from cvvae_pack.cvvae_core.tiling import runner
+    seen, real = [], runner.plan_for
+
+    def plan_for(model, direction, shape, opts, *a, **k):
+        seen.append(opts.disk_dir)
+        return real(model, direction, shape, opts, *a, **k)
+    monkeypatch.setattr(runner, "plan_for", plan_for)
+    lat = torch.randn(1, 4, 3, 2, 3)
+    (spilled,) = run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": lat}, disk_spill=True)
+    folder = os.path.join(folder_paths.get_temp_directory(), "cvvae")
+    assert seen and set(seen) == {folder} and os.path.isdir(folder)
+    seen.clear()
+    (plain,) = run(nodes.CVVAEVideoDecode, vae=vae, samples={"samples": lat})
+    assert set(seen) == {None}
+    torch.testing.assert_close(spilled, plain)
+
+
+def test_core_vae_decode_falls_back_like_auto_with_one_warning_per_call(vae, over_budget, official_runs, on_node,
+                                                                       comfy_version, monkeypatch, caplog):
+    """Core VAE Decode of an SVD frames batch: ComfyUI decodes it in several batches, each a pass; one
+    warning for the call, which names the pack's node that can stay exact."""
+    over_budget("request")
+    lat = torch.randn(3, 4, 2, 3)
+    monkeypatch.setattr(mm, "FREE_MEMORY", 1)  # one frame per batch
+    with caplog.at_level(logging.WARNING, logger="CV-VAE"):
+        out = vae.decode(lat)
+        video = vae.decode(torch.randn(1, 4, 3, 2, 3))
+    assert out.shape == (3, 16, 24, 3) and video.shape == (1, 9, 16, 24, 3)
+    # 0.38 skips the untiled attempt (reliable estimate over free memory): one tiled pass for the batch
+    assert len(official_runs) == (2 if comfy_version == "0.38" else 4)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "CV-VAE"]
+    assert len(lines) == 2 and [t for t, _ in on_node] == lines  # one per core call
+    assert "CV-VAE Video Decode" in lines[0] and "disk_spill" in lines[0]

@@ -30,3 +30,7 @@ def get_full_path(folder_name, filename):
         if os.path.isfile(p):
             return p
     return None
+
+
+def get_temp_directory():
+    return os.path.join(models_dir, "temp")

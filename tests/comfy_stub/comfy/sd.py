@@ -3,18 +3,24 @@
 ``decode_tiled_3d`` / ``encode_tiled_3d`` run untiled (only shapes matter for image VAEs here).
 
 ``GENERATION`` picks which ComfyUI's comfy/sd.py the call sites follow (read from each version's source):
-* ``"0.8"`` (0.8.0): ``decode(z)`` / ``encode(x)`` only; out of memory -> ``decode_tiled_3d`` /
-  ``encode_tiled_3d`` (256-pixel tiles); ``decode_tiled`` / ``encode_tiled`` -> the same ``*_3d``.
+* ``"0.8"`` (0.8.0): ``decode(z)`` / ``encode(x)`` only; out of memory (``except OOM_EXCEPTION``) ->
+  ``decode_tiled_3d`` / ``encode_tiled_3d`` (256-pixel tiles); ``decode_tiled`` / ``encode_tiled`` ->
+  the same ``*_3d``; outputs float32; free memory from ``model_management.get_free_memory``.
 * ``"0.33"`` (0.33.0): a first stage with ``comfy_has_chunked_io`` gets a preallocated output
   (``decode_output_shape``) to fill through ``decode(z, output_buffer=...)``, post-processed in place,
   and ``encode(x, device=...)`` the pixels still on the CPU; a VAE with ``handles_tiling`` is tiled
   through the first stage's ``decode_tiled`` / ``encode_tiled`` (``_decode_tiled_owned``), also after
-  out of memory, with the memory request of one tile first.
+  out of memory, with the memory request of one tile first. Outputs in ``vae_output_dtype()``
+  (``intermediate_dtype()``); free memory from ``patcher.get_free_memory``; passes run inside
+  ``cuda_device_context(self.device)``; any exception of a pass goes through ``raise_non_oom`` (only
+  out-of-memory errors reach the fallback); ``format_encoded`` (None unless the first stage sets
+  ``comfy_format_encoded``) formats what ``encode`` / ``encode_tiled`` return.
 * ``"0.38"`` (the newest read, 0.38.1): as 0.33, plus: a first stage with
   ``comfy_decode_estimate_is_reliable`` whose estimate exceeds free memory skips the untiled attempt;
   the decode fallback raises its 256-pixel tile to ``preferred_decode_tile(free_memory, dtype)``;
   ``encode`` / ``encode_tiled`` take ``not_video``.
 """
+import contextlib
 import logging
 
 import torch
@@ -38,6 +44,7 @@ class VAE:
         self.latent_channels = 4
         self.latent_dim = 2
         self.output_channels = 3
+        self.pad_channel_value = None
         self.process_input = lambda image: image * 2.0 - 1.0
         self.process_output = lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # in place, as in 0.3x
         self.working_dtypes = [torch.bfloat16, torch.float32]
@@ -48,6 +55,8 @@ class VAE:
         self.upscale_index_formula = None
         self.crop_input = True
         self.handles_tiling = False
+        if since("0.33"):
+            self.format_encoded = None
         if not sd:
             logging.warning("WARNING: No VAE weights detected, VAE not initalized.")
             self.first_stage_model = None
@@ -87,7 +96,32 @@ class VAE:
             keep = (n // r) * r
             if keep != n:
                 pixels = pixels.narrow(d + 1, (n % r) // 2, keep)
+        missing = self.output_channels - pixels.shape[-1]
+        if missing > 0 and self.pad_channel_value is not None:
+            if isinstance(self.pad_channel_value, str):
+                return torch.nn.functional.pad(pixels, (0, missing), mode=self.pad_channel_value)
+            return torch.nn.functional.pad(pixels, (0, missing), value=self.pad_channel_value)
         return pixels[..., :self.output_channels]
+
+    def vae_output_dtype(self):
+        return model_management.intermediate_dtype() if since("0.33") else torch.float32
+
+    def _device_context(self):
+        if since("0.33"):
+            return model_management.cuda_device_context(self.device)
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _raise_unless_oom(e):
+        """0.33 and newer: ``raise_non_oom(e)``; 0.8.0 caught only ``OOM_EXCEPTION``."""
+        if since("0.33"):
+            model_management.raise_non_oom(e)
+        elif not isinstance(e, model_management.OOM_EXCEPTION):
+            raise e
+
+    def _formatted(self, samples):
+        formatted = getattr(self, "format_encoded", None)
+        return samples if formatted is None else formatted(samples)
 
     def _free_memory(self):
         if since("0.33"):
@@ -116,97 +150,119 @@ class VAE:
 
     def _decode_tiled_owned(self, samples, **kwargs):
         out = self.first_stage_model.decode_tiled(samples.to(self.vae_dtype).to(self.device), **kwargs)
-        return self.process_output(out.to(device=self.output_device, dtype=torch.float32, copy=True))
+        return self.process_output(out.to(device=self.output_device, dtype=self.vae_output_dtype(), copy=True))
 
     def _encode_tiled_owned(self, pixel_samples, **kwargs):
         x = self.process_input(pixel_samples).to(self.vae_dtype).to(self.device)
-        return self.first_stage_model.encode_tiled(x, **kwargs).to(device=self.output_device, dtype=torch.float32)
+        return self.first_stage_model.encode_tiled(x, **kwargs).to(device=self.output_device,
+                                                                    dtype=self.vae_output_dtype())
 
-    def encode(self, pixel_samples, **kwargs):
+    def encode(self, pixel_samples, not_video=None):
         self.throw_exception_if_invalid()
-        if kwargs and not since("0.38"):
-            raise TypeError(f"encode() got unexpected keyword arguments {sorted(kwargs)}")
-        pixel_samples = self._to_model_layout(pixel_samples, kwargs.get("not_video"))
-        try:
-            memory_used = self.memory_used_encode(pixel_samples.shape, self.vae_dtype)
-            model_management.load_models_gpu([self.patcher], memory_required=memory_used,
-                                             force_full_load=self.disable_offload)
-            batch = max(1, int(self._free_memory() / max(1, memory_used)))
-            outs = []
-            for x in range(0, pixel_samples.shape[0], batch):
-                pixels_in = self.process_input(pixel_samples[x:x + batch]).to(self.vae_dtype)
-                if self._chunked_io():
-                    out = self.first_stage_model.encode(pixels_in, device=self.device)
+        if not_video is not None and not since("0.38"):
+            raise TypeError("encode() got an unexpected keyword argument 'not_video'")
+        pixel_samples = self._to_model_layout(pixel_samples, not_video)
+        do_tile = False
+        with self._device_context():
+            try:
+                memory_used = self.memory_used_encode(pixel_samples.shape, self.vae_dtype)
+                model_management.load_models_gpu([self.patcher], memory_required=memory_used,
+                                                 force_full_load=self.disable_offload)
+                batch = max(1, int(self._free_memory() / max(1, memory_used)))
+                outs = []
+                for x in range(0, pixel_samples.shape[0], batch):
+                    pixels_in = self.process_input(pixel_samples[x:x + batch]).to(self.vae_dtype)
+                    if self._chunked_io():
+                        out = self.first_stage_model.encode(pixels_in, device=self.device)
+                    else:
+                        out = self.first_stage_model.encode(pixels_in.to(self.device))
+                    outs.append(out.to(self.output_device).to(self.vae_output_dtype()))
+                samples = torch.cat(outs)
+            except Exception as e:
+                self._raise_unless_oom(e)
+                logging.warning("Warning: Ran out of memory when regular VAE encoding, retrying with tiled VAE encoding.")
+                do_tile = True
+            if do_tile:
+                tile = 256
+                if since("0.33") and self.handles_tiling:
+                    samples = self._encode_tiled_owned(pixel_samples, tile_x=tile, tile_y=tile, overlap=tile // 4)
                 else:
-                    out = self.first_stage_model.encode(pixels_in.to(self.device))
-                outs.append(out.to(self.output_device).float())
-            return torch.cat(outs)
-        except model_management.OOM_EXCEPTION:
-            logging.warning("Warning: Ran out of memory when regular VAE encoding, retrying with tiled VAE encoding.")
-        tile = 256
-        if since("0.33") and self.handles_tiling:
-            return self._encode_tiled_owned(pixel_samples, tile_x=tile, tile_y=tile, overlap=tile // 4)
-        return self.encode_tiled_3d(pixel_samples, tile_x=tile, tile_y=tile, overlap=(1, tile // 4, tile // 4))
+                    samples = self.encode_tiled_3d(pixel_samples, tile_x=tile, tile_y=tile,
+                                                   overlap=(1, tile // 4, tile // 4))
+        return self._formatted(samples)
 
-    def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
-        pixel_samples = self._to_model_layout(pixel_samples)
+    def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None,
+                     not_video=None):
+        if not_video is not None and not since("0.38"):
+            raise TypeError("encode_tiled() got an unexpected keyword argument 'not_video'")
+        pixel_samples = self._to_model_layout(pixel_samples, not_video)
         model_management.load_models_gpu([self.patcher], memory_required=self.memory_used_encode(
             pixel_samples.shape, self.vae_dtype), force_full_load=self.disable_offload)
-        if since("0.33") and self.handles_tiling:
-            args = {k: v for k, v in dict(tile_x=tile_x, tile_y=tile_y, overlap=overlap, tile_t=tile_t,
-                                          overlap_t=overlap_t).items() if v is not None}
-            return self._encode_tiled_owned(pixel_samples, **args)
-        return self.encode_tiled_3d(pixel_samples, tile_t=tile_t, tile_x=tile_x, tile_y=tile_y, overlap=overlap)
+        with self._device_context():
+            if since("0.33") and self.handles_tiling:
+                args = {k: v for k, v in dict(tile_x=tile_x, tile_y=tile_y, overlap=overlap, tile_t=tile_t,
+                                              overlap_t=overlap_t).items() if v is not None}
+                samples = self._encode_tiled_owned(pixel_samples, **args)
+            else:
+                samples = self.encode_tiled_3d(pixel_samples, tile_t=tile_t, tile_x=tile_x, tile_y=tile_y,
+                                               overlap=overlap)
+        return self._formatted(samples)
 
     def encode_tiled_3d(self, samples, tile_t=9999, tile_x=512, tile_y=512, overlap=(1, 64, 64)):
         out = self.first_stage_model.encode(self.process_input(samples).to(self.vae_dtype))
-        return out.to(self.output_device).float()
+        return out.to(self.output_device).to(self.vae_output_dtype())
 
     def decode(self, samples_in, vae_options={}):
         self.throw_exception_if_invalid()
         if self.latent_dim == 2 and samples_in.ndim == 5:
             samples_in = samples_in[:, :, 0]
         pixel_samples = None
-        try:
-            memory_used = self.memory_used_decode(samples_in.shape, self.vae_dtype)
-            model_management.load_models_gpu([self.patcher], memory_required=memory_used,
-                                             force_full_load=self.disable_offload)
-            free_memory = self._free_memory()
-            batch = max(1, int(free_memory / memory_used))
-            if since("0.38") and getattr(self.first_stage_model, "comfy_decode_estimate_is_reliable", False) \
-                    and memory_used > free_memory:
-                raise model_management.OOM_EXCEPTION("decode estimate exceeds free memory; going straight to tiled")
-            chunked = self._chunked_io()
-            if chunked:
-                pixel_samples = torch.empty(self.first_stage_model.decode_output_shape(samples_in.shape),
-                                            device=self.output_device, dtype=torch.float32)
-            for x in range(0, samples_in.shape[0], batch):
-                samples = samples_in[x:x + batch].to(self.vae_dtype).to(self.device)
+        do_tile = False
+        with self._device_context():
+            try:
+                memory_used = self.memory_used_decode(samples_in.shape, self.vae_dtype)
+                model_management.load_models_gpu([self.patcher], memory_required=memory_used,
+                                                 force_full_load=self.disable_offload)
+                free_memory = self._free_memory()
+                batch = max(1, int(free_memory / memory_used))
+                if since("0.38") and getattr(self.first_stage_model, "comfy_decode_estimate_is_reliable", False) \
+                        and memory_used > free_memory:
+                    raise model_management.OOM_EXCEPTION("decode estimate exceeds free memory; going straight to tiled")
+                chunked = self._chunked_io()
                 if chunked:
-                    self.first_stage_model.decode(samples, output_buffer=pixel_samples[x:x + batch], **vae_options)
+                    pixel_samples = torch.empty(self.first_stage_model.decode_output_shape(samples_in.shape),
+                                                device=self.output_device, dtype=self.vae_output_dtype())
+                for x in range(0, samples_in.shape[0], batch):
+                    samples = samples_in[x:x + batch].to(self.vae_dtype).to(self.device)
+                    if chunked:
+                        self.first_stage_model.decode(samples, output_buffer=pixel_samples[x:x + batch], **vae_options)
+                    else:
+                        out = self.first_stage_model.decode(samples, **vae_options).to(
+                            self.output_device, dtype=self.vae_output_dtype(), copy=True)
+                        if pixel_samples is None:
+                            pixel_samples = torch.empty((samples_in.shape[0],) + tuple(out.shape[1:]),
+                                                        device=self.output_device, dtype=self.vae_output_dtype())
+                        pixel_samples[x:x + batch] = out
+                    self.process_output(pixel_samples[x:x + batch])
+            except Exception as e:
+                self._raise_unless_oom(e)
+                logging.warning("Warning: Ran out of memory when regular VAE decoding, retrying with tiled VAE decoding.")
+                do_tile = True
+            if do_tile:
+                tile = 256 // self.spacial_compression_decode()
+                prefers_tile = getattr(self.first_stage_model, "preferred_decode_tile", None)
+                if since("0.38") and prefers_tile is not None:
+                    tile = max(tile, prefers_tile(self._free_memory(), self.vae_dtype))
+                overlap = tile // 4
+                if since("0.33") and self.handles_tiling:
+                    memory_used = self.memory_used_decode(self._tile_bounded_shape(samples_in.shape, tile, tile, None),
+                                                          self.vae_dtype)
+                    model_management.load_models_gpu([self.patcher], memory_required=memory_used,
+                                                     force_full_load=self.disable_offload)
+                    pixel_samples = self._decode_tiled_owned(samples_in, tile_x=tile, tile_y=tile, overlap=overlap)
                 else:
-                    out = self.first_stage_model.decode(samples, **vae_options).to(self.output_device).float()
-                    if pixel_samples is None:
-                        pixel_samples = torch.empty((samples_in.shape[0],) + tuple(out.shape[1:]),
-                                                    device=self.output_device)
-                    pixel_samples[x:x + batch] = out
-                self.process_output(pixel_samples[x:x + batch])
-            return pixel_samples.movedim(1, -1)
-        except model_management.OOM_EXCEPTION:
-            logging.warning("Warning: Ran out of memory when regular VAE decoding, retrying with tiled VAE decoding.")
-        tile = 256 // self.spacial_compression_decode()
-        prefers_tile = getattr(self.first_stage_model, "preferred_decode_tile", None)
-        if since("0.38") and prefers_tile is not None:
-            tile = max(tile, prefers_tile(self._free_memory(), self.vae_dtype))
-        overlap = tile // 4
-        if since("0.33") and self.handles_tiling:
-            memory_used = self.memory_used_decode(self._tile_bounded_shape(samples_in.shape, tile, tile, None),
-                                                  self.vae_dtype)
-            model_management.load_models_gpu([self.patcher], memory_required=memory_used,
-                                             force_full_load=self.disable_offload)
-            pixel_samples = self._decode_tiled_owned(samples_in, tile_x=tile, tile_y=tile, overlap=overlap)
-        else:
-            pixel_samples = self.decode_tiled_3d(samples_in, tile_x=tile, tile_y=tile, overlap=(1, overlap, overlap))
+                    pixel_samples = self.decode_tiled_3d(samples_in, tile_x=tile, tile_y=tile,
+                                                         overlap=(1, overlap, overlap))
         return pixel_samples.to(self.output_device).movedim(1, -1)
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
@@ -214,14 +270,15 @@ class VAE:
                                               self.vae_dtype)
         model_management.load_models_gpu([self.patcher], memory_required=memory_used,
                                          force_full_load=self.disable_offload)
-        if since("0.33") and self.handles_tiling:
-            args = {k: v for k, v in dict(tile_x=tile_x, tile_y=tile_y, overlap=overlap, tile_t=tile_t,
-                                          overlap_t=overlap_t).items() if v is not None}
-            output = self._decode_tiled_owned(samples, **args)
-        else:
-            output = self.decode_tiled_3d(samples, tile_t=tile_t, tile_x=tile_x, tile_y=tile_y, overlap=overlap)
+        with self._device_context():
+            if since("0.33") and self.handles_tiling:
+                args = {k: v for k, v in dict(tile_x=tile_x, tile_y=tile_y, overlap=overlap, tile_t=tile_t,
+                                              overlap_t=overlap_t).items() if v is not None}
+                output = self._decode_tiled_owned(samples, **args)
+            else:
+                output = self.decode_tiled_3d(samples, tile_t=tile_t, tile_x=tile_x, tile_y=tile_y, overlap=overlap)
         return output.movedim(1, -1)
 
     def decode_tiled_3d(self, samples, tile_t=999, tile_x=32, tile_y=32, overlap=(1, 8, 8)):
-        out = self.first_stage_model.decode(samples.to(self.vae_dtype).to(self.device)).to(self.output_device).float()
-        return self.process_output(out)
+        out = self.first_stage_model.decode(samples.to(self.vae_dtype).to(self.device))
+        return self.process_output(out.to(self.output_device).to(self.vae_output_dtype()))
