@@ -189,6 +189,8 @@ class CVVAEFirstStage(nn.Module):
         s = self.config.spatial_compression
         shape = (1, *self.call.shape[1:])
         budget = int(free_memory * FREE_MEMORY_SHARE)
+        if budget <= 0:
+            return 0
         tile = max(shape[3:]) * s
         while True:
             opts = runtime.engine_options(tile_size=tile, output_device=self.output_device, memory_budget=budget)

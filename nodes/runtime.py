@@ -70,9 +70,12 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def temp_folder() -> str:
+    """The disk tier's folder in ComfyUI's temp folder (made when first asked for: disk_spill is on)."""
     import folder_paths
 
-    return os.path.join(folder_paths.get_temp_directory(), DISK_FOLDER)
+    folder = os.path.join(folder_paths.get_temp_directory(), DISK_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def notify(text: str):
