@@ -23,6 +23,8 @@ from cvvae_core.tiling import executor, planner, runner as tiling, tiers
 from conftest import randomize_, tiny_config, video
 
 EXACT = 2e-5
+#: A device budget for these tiny models that needs part of the layer outputs in host memory.
+DEVICE_BUDGET = 2_000_000
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,11 +71,11 @@ def test_every_plan_keeps_within_both_budgets(model, what):
     x = video(1, 9, 32, 40, seed=2) if what == "encode" else latent(model)
     ref = untiled(model, x, what)
     free = tiling.plan_for(model, planner.ENCODE if what == "encode" else planner.DECODE, x.shape,
-                           tiling.TilingOptions(memory_budget=1_500_000))
+                           tiling.TilingOptions(memory_budget=DEVICE_BUDGET))
     whole = tiling.estimate_memory(model, planner.ENCODE if what == "encode" else planner.DECODE, x.shape, free).host
-    for share in (0.9, 0.6):
-        out, report = run(model, x, what, memory_budget=1_500_000, host_memory_budget=int(share * whole))
-        assert report.estimate.total <= 1_500_000 and report.device_peak <= 1_500_000
+    for share in (0.95, 0.8):
+        out, report = run(model, x, what, memory_budget=DEVICE_BUDGET, host_memory_budget=int(share * whole))
+        assert report.estimate.total <= DEVICE_BUDGET and report.device_peak <= DEVICE_BUDGET
         assert report.estimate.host <= share * whole and report.host_peak <= 1.1 * share * whole
         torch.testing.assert_close(out, ref, atol=EXACT, rtol=0)
 
@@ -82,12 +84,12 @@ def test_short_host_memory_recomputes_beyond_resnet_intermediates(model):
     z = latent(model, 5)
     prog = executor.Program(model.decoder.layers(), z.shape)
     free = {s.name for s in prog.steps if prog.free_to_recompute(s)}
-    opts = tiling.TilingOptions(memory_budget=1_500_000)
+    opts = tiling.TilingOptions(memory_budget=3_000_000, recompute=False)
     stored = tiling.estimate_memory(model, planner.DECODE, z.shape,
                                     tiling.plan_for(model, planner.DECODE, z.shape, opts)).host
-    out, report = run(model, z, memory_budget=1_500_000, host_memory_budget=int(0.6 * stored))
+    out, report = run(model, z, memory_budget=3_000_000, host_memory_budget=int(0.7 * stored))
     assert report.plan.recompute - free, report.describe()  # some other layer output recomputed
-    assert report.estimate.host <= 0.6 * stored
+    assert report.estimate.host <= 0.7 * stored
     torch.testing.assert_close(out, model.decoder_output(z), atol=EXACT, rtol=0)
 
 
@@ -104,23 +106,25 @@ def test_a_chain_of_recomputed_outputs_is_exact(model):
 
 def test_the_plan_says_where_each_output_is_and_what_it_costs(model):
     z = latent(model)
-    _, report = run(model, z, tile_size=16, chunk_frames=3, memory_budget=1_500_000, recompute=True)
-    text = report.describe()
-    for name in report.plan.host | report.plan.recompute:
-        assert name in text
-    assert "in host memory" in text and "recomputed" in text and "x the untiled pass" in text
+    for budget in (4_000_000, 3_000_000):
+        _, report = run(model, z, tile_size=16, chunk_frames=3, memory_budget=budget, recompute=True)
+        text = report.describe()
+        for name in report.plan.host | report.plan.recompute:
+            assert name in text
+        assert ("in host memory" in text) == bool(report.plan.host)
+        assert "recomputed" in text and "x the untiled pass" in text
 
 
 # ---------------------------------------------------------------------------------------------
 # The disk tier
 # ---------------------------------------------------------------------------------------------
-def disk_run(model, z, folder, **more):
-    """A decode whose layer outputs go to the device, host memory and disk (host memory at 60% of
-    what the device budget alone would need)."""
-    opts = dict(memory_budget=1_500_000, recompute=False, **more)
+def disk_run(model, z, folder, device_budget=DEVICE_BUDGET, host_share=0.6, **more):
+    """A decode whose layer outputs go to the device, host memory and disk (host memory at
+    ``host_share`` of what the device budget alone would need)."""
+    opts = dict(memory_budget=device_budget, recompute=False, **more)
     stored = tiling.estimate_memory(model, planner.DECODE, z.shape,
                                     tiling.plan_for(model, planner.DECODE, z.shape, tiling.TilingOptions(**opts))).host
-    return run(model, z, host_memory_budget=int(0.6 * stored), disk_dir=folder, **opts)
+    return run(model, z, host_memory_budget=int(host_share * stored), disk_dir=folder, **opts)
 
 
 def test_the_disk_tier_is_exact_and_leaves_nothing_behind(model, tmp_path):
@@ -209,9 +213,12 @@ class LazyStreams(tiers.Streams):
 def test_lazy_copies_give_the_exact_result(model, tmp_path, monkeypatch):
     monkeypatch.setattr(tiling, "Streams", LazyStreams)
     z = latent(model, 5)
-    for pieces in ({}, dict(tile_size=16, chunk_frames=9)):  # whole rows; regions of many row blocks
-        out, report = disk_run(model, z, tmp_path, **pieces)
-        assert report.plan.host and report.plan.disk
+    out, report = run(model, z, memory_budget=DEVICE_BUDGET, recompute=False)
+    assert report.plan.host
+    torch.testing.assert_close(out, model.decoder_output(z), atol=EXACT, rtol=0)
+    for budget, share, pieces in ((DEVICE_BUDGET, 0.6, {}), (8_000_000, 0.9, dict(tile_size=16, chunk_frames=9))):
+        out, report = disk_run(model, z, tmp_path, budget, share, **pieces)  # whole rows; many row blocks
+        assert report.plan.disk
         torch.testing.assert_close(out, model.decoder_output(z), atol=EXACT, rtol=0)
 
 
@@ -231,7 +238,7 @@ def test_lazy_copies_catch_a_broken_schedule(model, tmp_path, monkeypatch, fault
             return slot  # without waiting for its last inbound copy
         monkeypatch.setattr(tiers.HostLink, "_slot", slot)
     z = latent(model, 5)
-    out, _ = disk_run(model, z, tmp_path, tile_size=16, chunk_frames=9)  # regions of many row blocks
+    out, _ = disk_run(model, z, tmp_path, 8_000_000, 0.9, tile_size=16, chunk_frames=9)  # regions of many row blocks
     assert not torch.allclose(out, model.decoder_output(z), atol=1e-3, equal_nan=False)
 
 
@@ -297,8 +304,8 @@ RSS_CHILD = textwrap.dedent("""
     whole = tiling.estimate_memory(model, tiling.DECODE, z.shape,
                                    tiling.plan_for(model, tiling.DECODE, z.shape, tiling.TilingOptions())).host
     budget = int(share * whole)
-    opts = tiling.TilingOptions(memory_budget=16 << 20, host_memory_budget=budget, tile_size=48, chunk_frames=4)
-    tiling.decode_latent(model, z[:, :, :2, :8, :8], tiling.TilingOptions(tile_size=16))  # warm up the allocator
+    opts = tiling.TilingOptions(memory_budget=32 << 20, host_memory_budget=budget)
+    tiling.decode_latent(model, z, opts)  # the same pass once: the libraries' one-off buffers
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
     before = rss("VmRSS")
@@ -311,16 +318,18 @@ RSS_CHILD = textwrap.dedent("""
 
 
 def test_the_host_budget_holds_for_the_measured_peak_rss(tmp_path):
-    """In a fresh process (the peak resident set of this one says nothing): RSS growth during a pass
-    stays within the host budget + 10% (plus 8 MiB of allocator and interpreter slack)."""
+    """In a fresh process (the peak resident set of this one says nothing), after one pass that
+    pays the libraries' one-off buffers: RSS growth during a pass stays within the host budget and
+    the plan's estimate + 10% (plus 8 MiB of allocator and interpreter slack)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     child = tmp_path / "child.py"
     child.write_text(RSS_CHILD)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(child), str(ROOT), "0.5"], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, str(child), str(ROOT), "0.4"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["estimate"] <= row["budget"]
     assert row["growth"] <= 1.1 * row["budget"] + (8 << 20), row
+    assert row["growth"] <= 1.1 * row["estimate"] + (8 << 20), row  # the plan's own figure holds too

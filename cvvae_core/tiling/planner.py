@@ -69,9 +69,9 @@ FREE_MEMORY_SHARE = 0.7
 HOST_MEMORY_SHARE = 0.8
 #: Staging buffers between the device and the disk tier (each the size of the largest block).
 STAGING_SLOTS = 4
-#: Measured with PyTorch 2.13 on x86-64 (1-2 threads): 3-D convolutions with this many input channels
-#: or fewer run through a column (vol2col) buffer on CPU (see ``conv_workspace``).
-CPU_IM2COL_CHANNELS = 16
+#: Float32 3-D convolutions on CPU whose input has at most this many rows (batch x channels x frames
+#: x height) run through a column buffer (see ``conv_workspace``).
+CPU_COLUMN_ROWS = 20480
 #: Plans the planner's search keeps at each step (see ``_Search.relieve_host``).
 BEAM = 4
 #: cuDNN's convolution workspace, counted on every CUDA plan.
@@ -252,15 +252,16 @@ def piece_work(prog: ex.Program, step: ex.Step, piece, plan: Plan, elem: int, de
 
 def conv_workspace(step: ex.Step, src, piece, elem: int, device: torch.device) -> int:
     """Memory the CPU convolution of one piece takes beyond its input and output (on CUDA cuDNN's
-    workspace is counted once per plan instead: ``CUDA_WORKSPACE_BYTES``): PyTorch runs 3-D
-    convolutions of at most :data:`CPU_IM2COL_CHANNELS` input channels through a column buffer of
-    input channels x kernel volume x output voxels, wider ones through oneDNN, which takes about one
-    more output piece."""
+    workspace is counted once per plan instead: ``CUDA_WORKSPACE_BYTES``). PyTorch runs a float32 3-D
+    convolution whose input has at most :data:`CPU_COLUMN_ROWS` rows (batch x channels x frames x
+    height) through a column buffer of input channels x kernel volume x output voxels, a larger one
+    through oneDNN, which takes about one more output piece (measured: bench/conv_workspace.py)."""
     conv = getattr(step, "conv", None) or getattr(getattr(step, "up", None), "conv", None)
     if device.type != "cpu" or conv is None:
         return 0
     batch, voxels = src[0], math.prod(piece)
-    if conv.in_channels <= CPU_IM2COL_CHANNELS:
+    frames, rows = _region(step, piece)[:2]
+    if elem == 4 and batch * conv.in_channels * frames * rows <= CPU_COLUMN_ROWS:
         return elem * batch * conv.in_channels * math.prod(conv.kernel3) * voxels
     return elem * batch * conv.out_channels * voxels
 
@@ -403,10 +404,11 @@ def block_bytes(prog: ex.Program, sizes, plan: Plan, elem: int) -> int:
 
 
 def _region(step: ex.Step, piece) -> tuple[int, int, int]:
-    """Size of the input region a piece reads (halo included), per axis."""
+    """Size of the input region a piece's convolution reads (halo included), per axis."""
     conv = getattr(step, "conv", None)
     if conv is None:
-        return piece
+        up = getattr(step, "up", None)
+        return piece if up is None else (piece[0] // up.time_factor + 3, piece[1] + 2, piece[2] + 2)
     return tuple((p - 1) * s + k for p, k, s in zip(piece, conv.kernel3, conv.stride3))
 
 
