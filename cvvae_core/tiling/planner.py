@@ -613,6 +613,7 @@ class _Search:
             return plan
         start = self.excess(plan)
         beam, done, seen, grown_before = [(plan, est, start)], None, {plan}, []
+        closest = (plan, est)  # when nothing fits: the plan that needs the least host memory
         while beam:
             grown = []
             for parent, p_est, p_excess in beam:
@@ -627,6 +628,8 @@ class _Search:
                         if done is None or t_est.relative_cost < done[1].relative_cost:
                             done = (trial, t_est)
                         continue
+                    if t_est.host < closest[1].host:
+                        closest = (trial, t_est)
                     t_excess = self.excess(trial)
                     if t_excess < p_excess and (done is None or t_est.relative_cost < done[1].relative_cost):
                         rate = (start - t_excess) / max(t_est.relative_cost - est.relative_cost, 1e-6)
@@ -636,7 +639,7 @@ class _Search:
             if not beam and done is None and grown_before:
                 beam = grown_before[:1]  # nothing freed more: go on from the best plan so far
             grown_before = [(p, e, x) for _, p, e, x in grown] or grown_before[1:]
-        return plan if done is None else done[0]
+        return (done or closest)[0]
 
     def speed_up(self, plan: Plan) -> Plan:
         """While some move of the same kinds lowers the estimated time and still fits every budget
