@@ -189,8 +189,6 @@ def settle(model, direction, shape, opts: TilingOptions | None, patcher, device,
         tiling.plan_for(model, direction, shape, opts, device=torch.device(device))
     except MemoryBudgetError as err:
         return choice.without_exact_plan(opts, err)
-    if opts.disk_dir is not None:
-        os.makedirs(opts.disk_dir, exist_ok=True)
     return opts
 
 

@@ -258,10 +258,10 @@ def test_decode_output_shape_is_what_decode_returns(vae):
 def test_memory_estimates_grow_with_frames_and_dtype(vae):
     a = vae.memory_used_decode((1, 4, 2, 8, 8), torch.float32)
     assert vae.memory_used_decode((1, 4, 5, 8, 8), torch.float32) > 2 * a
-    # the model runs in the dtype it was built in: half the activations; the float32 output (on this
-    # one-device host) stays
+    # the model runs in the dtype it was built in: half the activations (and no float32 column buffers
+    # on CPU); the float32 output (on this one-device host) stays
     half = run(nodes.CVVAELoader, model_name="tiny_cvvae.safetensors", dtype="fp16")[0]
-    assert a / 2 < half.memory_used_decode((1, 4, 2, 8, 8), torch.float16) < a
+    assert 0 < half.memory_used_decode((1, 4, 2, 8, 8), torch.float16) < a / 2
     assert vae.memory_used_decode((3, 4, 8, 8), torch.float32) > 0
     assert vae.memory_used_encode((1, 3, 9, 64, 64), torch.float32) > vae.memory_used_encode((1, 3, 1, 64, 64),
                                                                                              torch.float32)
