@@ -813,7 +813,7 @@ def over_budget(monkeypatch):
     ``when`` = "request" fails already when asking ComfyUI for room, "loaded" only once the model is
     loaded (the plan made with the free memory). Returns the calls to the planner."""
     from cvvae_pack.cvvae_core.errors import MemoryBudgetError
-    from cvvae_pack.cvvae_core.tiling import planner, runner
+    from cvvae_pack.cvvae_core.tiling import runner, search
     calls = []
 
     def setup(when="request"):
@@ -823,10 +823,10 @@ def over_budget(monkeypatch):
                 raise MemoryBudgetError("no exact plan fits", device_needed=3 * GIB, host_needed=int(41.9 * GIB),
                                         device_budget=None, host_budget=int(25.6 * GIB))
             return real(*args, **kw)
-        for module in (planner, runner):
+        for module in (search, runner):
             monkeypatch.setattr(module, "choose_plan", choose_plan)
         return calls
-    real = planner.choose_plan
+    real = search.choose_plan
     return setup
 
 

@@ -5,7 +5,6 @@ The copy schedule is checked with :class:`LazyStreams`, stand-in copy streams th
 only when an event after it is waited for (as late as a real copy engine may), so a buffer read
 before its copy's event, or a staging buffer reused early, gives wrong numbers.
 """
-import gc
 import json
 import os
 import subprocess

@@ -21,9 +21,9 @@ Each store lives in a tier, the compute device, host memory or disk (:mod:`.tier
 dtype, or is not stored at all: the output of any convolution or upsampler can be *recomputed* by
 the steps that read it, from the regions of its own inputs they need (recursively, when those are
 recomputed too), which keeps those inputs alive until its last reader (:meth:`Program.frees`; the
-plan decides: :mod:`.planner`). The working memory beyond the stores is bounded by the piece size. Adding a layer type means one
-handler here (``_BUILDERS``); a layer without one is refused when the program is built, never run
-wrongly.
+plan decides: :mod:`.planner`). The working memory beyond the stores is bounded by the piece size.
+Adding a layer type means one handler here (``_BUILDERS``); a layer without one is refused when the
+program is built, never run wrongly.
 """
 from __future__ import annotations
 

@@ -45,8 +45,9 @@ from . import executor as ex
 from .meter import PROGRESS_UNITS, Meter
 from .official import OFFICIAL_CHUNK, OFFICIAL_OVERLAP, OFFICIAL_TILE, run_official
 from .planner import (DECODE, ENCODE, FREE_MEMORY_SHARE, STAGING_SLOTS, Direction, MemoryEstimate, Plan, block_bytes,
-                      choose_plan, elem_size, same_device, estimate_memory, estimate_program, free_bytes, piece_sizes, schedule,
-                      smaller_plan, step_work)
+                      elem_size, estimate_memory, estimate_program, piece_sizes, same_device, schedule, smaller_plan,
+                      step_work)
+from .search import choose_plan, free_bytes
 from .tiers import DEVICE, DISK, HOST, Arena, HostLink, Ledger, Streams, finish, output_buffer, output_store
 
 log = logging.getLogger(__name__)
