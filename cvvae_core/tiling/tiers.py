@@ -231,15 +231,12 @@ class Arena:
             key = compute.index if compute.index is not None else torch.cuda.current_device()
             cached = _pinned_arenas.pop(key, None)
             if cached is not None and nbytes <= cached.nbytes <= 2 * nbytes:
-                self.memory = cached
+                self.memory, self.pinned = cached, True
             else:
                 if cached is not None:
                     _unregister(cached)
                 self.memory = torch.empty(nbytes, dtype=torch.uint8)
-                self.pinned = _register(self.memory)
-                if not self.pinned:
-                    self.memory = torch.empty(nbytes, dtype=torch.uint8)
-            self.pinned = self.pinned or self.memory is cached
+                self.pinned = _register(self.memory)  # else pageable: correct, copies synchronous
             self._cached_key = key if self.pinned else None
         else:
             self.memory = torch.empty(nbytes, dtype=torch.uint8)
