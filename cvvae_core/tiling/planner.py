@@ -230,18 +230,26 @@ def _moves(prog: ex.Program, step: ex.Step, plan: Plan) -> tuple[bool, int]:
 
 def piece_work(prog: ex.Program, step: ex.Step, piece, plan: Plan, elem: int, device: torch.device) -> int:
     """Working memory of one piece of ``step``; a reader of a recomputed store also holds the
-    recomputing step's pieces (the regions it reads, with their halos, down the chain)."""
+    recomputing steps' pieces (the regions they read, with their halos, down every chain)."""
     reads, write = _moves(prog, step, plan)
     work = ex.work_bytes(step, prog.shapes[step.src], prog.shapes[step.out], piece, elem, reads, write * elem
                          if write == 1 else write) + conv_workspace(step, prog.shapes[step.src], piece, elem, device)
-    producer, region = prog.producer(step.src), piece
-    while producer is not None and producer.name in plan.recompute:
-        kernel = getattr(getattr(step, "conv", None), "kernel3", (3, 3, 3))
-        region = tuple(min(n, p + k - 1) for p, k, n in zip(region, kernel, prog.shapes[step.src][2:]))
-        work += ex.work_bytes(producer, prog.shapes[producer.src], prog.shapes[producer.out], region, elem)
-        work += conv_workspace(producer, prog.shapes[producer.src], region, elem, device)
-        step, producer = producer, prog.producer(producer.src)
-    return work
+    return work + _recompute_work(prog, step, piece, plan, elem, device)
+
+
+def _recompute_work(prog: ex.Program, reader: ex.Step, piece, plan: Plan, elem: int, device: torch.device) -> int:
+    """What recomputing the inputs of one ``reader`` piece of size ``piece`` holds (an upper bound:
+    every level of every chain at once)."""
+    total = 0
+    for slot, region in ((reader.src, _region(reader, piece)), (reader.residual, piece)):
+        producer = prog.producer(slot) if slot is not None else None
+        if producer is None or producer.name not in plan.recompute:
+            continue
+        region = tuple(min(n, r) for n, r in zip(prog.shapes[slot][2:], region))
+        total += ex.work_bytes(producer, prog.shapes[producer.src], prog.shapes[producer.out], region, elem)
+        total += conv_workspace(producer, prog.shapes[producer.src], region, elem, device)
+        total += _recompute_work(prog, producer, region, plan, elem, device)
+    return total
 
 
 def conv_workspace(step: ex.Step, src, piece, elem: int, device: torch.device) -> int:
