@@ -12,7 +12,8 @@ only: nothing is written; its free space is the disk budget), so cells that host
 may use it. A cell shows the plan's estimated device and host peaks, how many layer outputs live in
 host memory / on disk / are recomputed, and the estimated time relative to the untiled pass, or
 "refused" (``MemoryBudgetError``: the engine refuses before any work, and the nodes' ``auto`` then
-runs official mode). Estimates, not measurements.
+runs official mode). Estimates, not measurements. Last, one PASS/FAIL line per direction for the
+target: with 32 GB RAM every card gets an exact plan whose estimated cost is <= 2x untiled.
 
 Cost model (``cvvae_core.tiling.planner``): time = max(multiply-adds / device rate, host traffic /
 host link bandwidth) + disk traffic / disk bandwidth + pieces x seconds per piece, relative to the
@@ -36,6 +37,9 @@ GiB = 2 ** 30
 GB = 10 ** 9
 CARDS_GB = (8, 12, 16, 24)
 RAM_GB = (16, 32, 64)
+#: Target: with this much RAM every card gets an exact plan of at most this estimated cost.
+TARGET_RAM_GB = 32
+TARGET_COST = 2.0
 
 
 def input_shape(model, direction, frames: int, height: int, width: int) -> tuple[int, ...]:
@@ -46,20 +50,21 @@ def input_shape(model, direction, frames: int, height: int, width: int) -> tuple
     return 1, cfg.in_channels, frames, height, width
 
 
-def cell(model, direction, shape, card_gb: int, ram_gb: int, disk) -> str:
+def cell(model, direction, shape, card_gb: int, ram_gb: int, disk) -> tuple[str, float | None]:
+    """The cell's text and the plan's estimated cost relative to untiled (None: refused)."""
     device = torch.device("cuda")
     budget, host = int(card_gb * GB * FREE_MEMORY_SHARE), int(ram_gb * GB * HOST_MEMORY_SHARE)
     opts = tiling.TilingOptions(memory_budget=budget, host_memory_budget=host, disk_dir=disk)
     try:
         plan = tiling.plan_for(model, direction, shape, opts, budget=budget, device=device)
     except MemoryBudgetError as err:
-        return f"refused (needs {err.device_needed / GiB:.1f} / {err.host_needed / GiB:.1f} GiB)"
+        return f"refused (needs {err.device_needed / GiB:.1f} / {err.host_needed / GiB:.1f} GiB)", None
     est = tiling.estimate_memory(model, direction, shape, plan, "cpu", device, torch.bfloat16)
     assert est.total <= budget and est.host <= host, "the planner returned a plan over its budgets"
     where = "untiled" if plan.whole else f"{len(plan.host)}/{len(plan.disk)}/{len(plan.recompute)}"
     disk_peak = f", disk {est.disk / GiB:.1f}" if est.disk else ""
     return (f"{est.total / GiB:.1f} / {est.host / GiB:.1f} GiB{disk_peak}; {where}; "
-            f"{est.relative_cost:.2f}x")
+            f"{est.relative_cost:.2f}x"), est.relative_cost
 
 
 def main():
@@ -83,6 +88,7 @@ def main():
           "estimated time vs untiled. \"refused\": no exact plan fits (smallest device / host peak found); "
           "the nodes' auto then runs official mode.")
     print()
+    verdicts = []
     for direction in (tiling.ENCODE, tiling.DECODE):
         shape = input_shape(model, direction, args.frames, height, width)
         whole = tiling.estimate_memory(model, direction, shape, tiling.Plan(), "cpu", torch.device("cuda"),
@@ -92,10 +98,18 @@ def main():
         print()
         print("| card | " + " | ".join(f"RAM {ram} GB" for ram in RAM_GB) + " |")
         print("|---|" + "---|" * len(RAM_GB))
+        costs = []
         for card in CARDS_GB:
-            row = [cell(model, direction, shape, card, ram, args.disk) for ram in RAM_GB]
-            print(f"| {card} GB | " + " | ".join(row) + " |")
+            cells = [cell(model, direction, shape, card, ram, args.disk) for ram in RAM_GB]
+            costs.append(cells[RAM_GB.index(TARGET_RAM_GB)][1])
+            print(f"| {card} GB | " + " | ".join(text for text, _ in cells) + " |")
         print()
+        ok = all(c is not None and c <= TARGET_COST for c in costs)
+        verdicts.append(f"{'PASS' if ok else 'FAIL'} {direction.name}: with {TARGET_RAM_GB} GB RAM every card gets an "
+                        f"exact plan of estimated cost <= {TARGET_COST:g}x untiled: "
+                        + ", ".join(f"{card} GB {'refused' if c is None else f'{c:.2f}x'}"
+                                    for card, c in zip(CARDS_GB, costs)))
+    print("\n".join(verdicts))
 
 
 if __name__ == "__main__":
