@@ -23,11 +23,16 @@ from ..errors import CheckpointCorruptError, CVVAEError, PickleRefusedError
 #: model, checked while parsing, before a model is loaded.
 SIZE_STEP, FRAME_STEP = 8, 4
 
-SIZE_RULE = (f"Sizes are HxW in multiples of {SIZE_STEP} (e.g. 256x256), frame counts 1+{FRAME_STEP}k (1, 5, 9, 13, "
-             "17, ...). A --size, --height, --width or --frames that is not is refused, naming the nearest valid "
-             "values. A video's own size and length (no --size or --frames given, or a video shorter than "
-             "--frames) are cropped down to the nearest valid values, and the command prints what it cropped; "
-             "encode-dataset instead skips a video shorter than --frames and lists it in errors.jsonl.")
+def size_rule(flags: str = "--size or --frames") -> str:
+    """The one rule of sizes and frame counts, as the help of a command with ``flags`` states it."""
+    return (f"Sizes are HxW in multiples of {SIZE_STEP} (e.g. 256x256), frame counts 1+{FRAME_STEP}k (1, 5, 9, 13, "
+            f"17, ...). A {flags} that is not is refused, naming the nearest valid values. A video's own size "
+            "and length (no --size or --frames given, or a video shorter than --frames) are cropped down to the "
+            "nearest valid values, and the command prints what it cropped; encode-dataset instead skips a video "
+            "shorter than --frames and lists it in errors.jsonl.")
+
+
+SIZE_RULE = size_rule()
 
 
 def int_at_least(minimum: int, multiple_of: int = 1):
@@ -99,6 +104,14 @@ def legacy_size_pairs(argv: list[str]) -> list[str]:
             out.append(argv[i])
             i += 1
     return out
+
+
+def existing_folder(text: str) -> str:
+    """An argparse ``type``: a folder that exists."""
+    if not Path(text).expanduser().is_dir():
+        what = "is a file" if Path(text).expanduser().exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {what}; give an existing folder")
+    return text
 
 
 def device_name(text: str) -> str:

@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..errors import CheckpointError, CVVAEError
+from ..errors import CheckpointError, CVVAEError, OutputPathError
 from ..spec import IMAGE_FAMILIES
 from ..train.config import TrainConfig
 from ..train.plot import plot_run
 from ..train.run import train
 from .args import argument_errors, device_name, int_at_least
+from .outputs import check_outputs
 
 FAMILY_HELP = ("the image VAE's family, for its latent scale/shift: needed for an SDXL or FLUX.1 VAE file without "
                "a config (their shapes are those of SD1.x and SD3); default: from the file, else sd1 for 4 "
@@ -35,7 +36,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("plot", help="draw a training run's loss and validation curves (RUN_DIR/curves.png)")
     p.add_argument("run_dir", help="the run's output folder (holds log.jsonl)")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p.add_argument("--out", metavar="PNG", help="a .png path (default RUN_DIR/curves.png, redrawn each time)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_plot)
 
 
@@ -78,5 +80,9 @@ def train_interrupted(args) -> str:
 
 
 def cmd_plot(args) -> int:
+    if args.out:
+        if Path(args.out).suffix.lower() != ".png":
+            raise OutputPathError(f"argument --out: {args.out} must end in .png (the curves are written as PNG)")
+        check_outputs({"--out": Path(args.out)}, {"run_dir": args.run_dir}, args.overwrite)
     print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0

@@ -72,6 +72,7 @@ class EncodeOptions:
     num_workers: int = 2
     device: str = "auto"
     strict: bool = False
+    disk_dir: str | None = None     # the tiling engine's disk tier (TilingOptions.disk_dir)
     fault_after_clips: int | None = field(default=None, repr=False)  # None: from $CVVAE_FAULT_AFTER_CLIPS
 
     def __post_init__(self):
@@ -377,7 +378,8 @@ class _BatchEncoder:
     def __init__(self, model: CVVAE, opts: EncodeOptions, device: torch.device, writer: _ShardWriter,
                  fault_after: int | None):
         self.model, self.opts, self.device, self.writer, self.fault_after = model, opts, device, writer, fault_after
-        self.tiling = None if opts.tiling == "none" else TilingOptions(mode=opts.tiling, output_device=device)
+        self.tiling = None if opts.tiling == "none" else TilingOptions(mode=opts.tiling, output_device=device,
+                                                                           disk_dir=opts.disk_dir)
         self.pending: list[dict] = []
         self.encoded = 0                # clips encoded by this run
         self.durable = 0                # ... and written with their index lines
