@@ -35,6 +35,37 @@ def size_rule(flags: str = "--size or --frames") -> str:
 SIZE_RULE = size_rule()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block above it), and whose missing
+    arguments are named in the command's own words."""
+
+    #: The command line being parsed, for :meth:`error` (argparse does not pass it on).
+    command_line: list[str] = []
+
+    def error(self, message: str):
+        required = "the following arguments are required: "
+        if message.startswith(required):
+            message = self._missing(message[len(required):].split(", "))
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _missing(self, names: list[str]) -> str:
+        positionals = [a for a in self._actions if not a.option_strings]
+        for a in positionals:
+            if isinstance(a, argparse._SubParsersAction):
+                return f"missing the command: one of {', '.join(a.choices)} (see {self.prog} --help)"
+        signature = " ".join([a.metavar or a.dest.upper() for a in positionals] + [
+            f"{a.option_strings[-1]} {a.metavar or a.dest.upper()}" for a in self._actions
+            if a.option_strings and a.required])
+        given = [t for t in self.command_line if not t.startswith("-")]
+        first = given[1] if len(given) > 1 else None  # given[0] is the subcommand
+        if positionals and positionals[0].dest == "checkpoint" and first and Path(first).suffix.lower() in VIDEO_SUFFIXES:
+            return (f"missing the checkpoint: {first} is a video, and the checkpoint (a release folder, a .safetensors "
+                    f"file or 'builtin') comes first: {self.prog} {signature}")
+        words = [n if n.startswith("-") else f"the {n} argument" for n in names]
+        listed = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+        return f"missing {listed}: {self.prog} {signature}"
+
+
 def int_at_least(minimum: int, multiple_of: int = 1):
     """An argparse ``type``: an integer >= ``minimum`` that is a multiple of ``multiple_of``."""
     allowed = f"a multiple of {multiple_of}, at least {minimum}" if multiple_of > 1 else f"an integer >= {minimum}"

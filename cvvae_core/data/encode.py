@@ -329,16 +329,19 @@ class _ShardWriter:
         return self.flush() if self.bytes >= self.shard_bytes else 0
 
     def flush(self) -> int:
+        """Write the queued clips as a shard, then their index lines; returns how many. Called again
+        after an interrupt inside it, it writes nothing twice: the queue is emptied first (a shard
+        cut short is removed, and its clips encoded again, by the next run)."""
         if not self.records:
             return 0
         name = f"shard-r{self.rank:03d}-{self.next_number:06d}.safetensors"
-        write_shard(self.out / name, self.tensors, {"format": "cvvae_core latents", "clips": str(len(self.records)),
-                                                    "shard": name})
-        append_lines(self.index, [{**r, "shard": name} for r in self.records])  # only now: the shard is durable
-        count = len(self.records)
+        tensors, records = self.tensors, self.records
         self.next_number += 1
         self.tensors, self.records, self.bytes = {}, [], 0
-        return count
+        write_shard(self.out / name, tensors, {"format": "cvvae_core latents", "clips": str(len(records)),
+                                               "shard": name})
+        append_lines(self.index, [{**r, "shard": name} for r in records])  # only now: the shard is durable
+        return len(records)
 
 
 def _drop_lost_shards(out: Path, ranks: Ranks):
@@ -506,14 +509,23 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
             rate = encoder.encoded / elapsed if elapsed > 0 else 0.0
             bar(n, len(todo), f"videos, {encoder.encoded} clips, {rate:.2f} clips/s{eta}")
 
-        for n, item in enumerate(loader, 1):
-            if item["error"]:
-                append_lines(out / f"errors.rank{ranks.rank}.jsonl",
-                             [{"source": item["name"], "error": item["error"], "reason": item["reason"]}])
-                summary.failed_videos += 1
-            for clip in item["clips"]:
-                encoder.add(clip)
-            report(n, f", ETA {(time.monotonic() - start) / n * (len(todo) - n):.0f}s")
+        try:
+            for n, item in enumerate(loader, 1):
+                if item["error"]:
+                    append_lines(out / f"errors.rank{ranks.rank}.jsonl",
+                                 [{"source": item["name"], "error": item["error"], "reason": item["reason"]}])
+                    summary.failed_videos += 1
+                for clip in item["clips"]:
+                    encoder.add(clip)
+                report(n, f", ETA {(time.monotonic() - start) / n * (len(todo) - n):.0f}s")
+        except KeyboardInterrupt:
+            # Ctrl-C / SIGTERM: the clips encoded so far go to a shard of their own, so a run
+            # started again goes on from here; the batch being encoded is done again then.
+            bar.close()
+            encoder.writer.flush()
+            if ranks.world == 1:
+                merge(out)
+            raise
         encoder.finish()
         report(len(todo), "")  # the final counts, the last batch included
         bar.close()
