@@ -89,6 +89,7 @@ def encode_interrupted(args) -> str:
 
 
 def cmd_merge(args) -> int:
-    clips, failed = merge(args.out)
+    with argument_errors("out", args.out, InputError):
+        clips, failed = merge(args.out)
     print(f"merged   {clips} clips into {args.out}/index.jsonl, {failed} failed videos into {args.out}/errors.jsonl")
     return 0

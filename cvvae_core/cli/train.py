@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..errors import CheckpointError, CVVAEError, OutputPathError, TrainConfigError
+from ..errors import CheckpointError, CVVAEError, InputError, OutputPathError, TrainConfigError
 from ..spec import IMAGE_FAMILIES
 from ..train.config import TrainConfig, shipped_configs
 from ..train.plot import plot_run
@@ -95,5 +95,6 @@ def cmd_plot(args) -> int:
         if Path(args.out).suffix.lower() != ".png":
             raise OutputPathError(f"argument --out: {args.out} must end in .png (the curves are written as PNG)")
         check_outputs({"--out": Path(args.out)}, {"run_dir": args.run_dir}, args.overwrite)
-    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    with argument_errors("run_dir", args.run_dir, InputError):
+        print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0

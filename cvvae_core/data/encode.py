@@ -115,7 +115,7 @@ class Input:
 
 def list_inputs(videos: str) -> list[Input]:
     """Every input of a folder or manifest, sorted by key: the order ranks split (the same on every restart)."""
-    sources, problems = list_sources(videos, "videos")
+    sources, problems = list_sources(videos, "--videos")
     inputs = [Input(s.key, s) for s in sources] + [Input(p["path"], problem=p["reason"]) for p in problems]
     return sorted(inputs, key=lambda i: i.key)
 
@@ -256,8 +256,14 @@ def _sort_key(record: dict):
 def merge(out) -> tuple[int, int]:
     """Merge every rank's ``index.rank*.jsonl`` / ``errors.rank*.jsonl`` into ``index.jsonl`` /
     ``errors.jsonl``, sorted by source and frame (the same whatever the number of ranks); each
-    clip once. Returns (clips, failed videos). Safe to run again at any time."""
+    clip once. Returns (clips, failed videos). Safe to run again at any time. A folder that
+    encode-dataset did not make is refused, and nothing is written into it."""
     out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"{out} is not a folder; give the --out folder of an encode-dataset run")
+    if not (out / "run.json").is_file() and not any(out.glob("index.rank*.jsonl")):
+        raise InputError(f"{out} is not an encode-dataset output folder (it has no run.json and no "
+                         "index.rank*.jsonl); give the --out folder of an encode-dataset run")
     clips = {}
     for part in sorted(out.glob("index.rank*.jsonl")):
         for r in read_jsonl(part):
