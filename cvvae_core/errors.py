@@ -105,3 +105,8 @@ class TrainingDataError(InputError):
 
 class TrainConfigError(CVVAEError, ValueError):
     """A training configuration that cannot be run as written."""
+
+
+class OutputPathError(CVVAEError, ValueError):
+    """An output path that would replace an input or an existing file not meant to be replaced,
+    or that names the wrong kind of file (a suffix the command does not write)."""

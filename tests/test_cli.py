@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cvvae_core
-from cvvae_core.cli.args import SIZE_RULE, legacy_size_pairs
+from cvvae_core.cli.args import legacy_size_pairs, size_rule
 from cvvae_core.cli.main import build_parser, main
 from cvvae_core.errors import OutOfMemoryError
 from cvvae_core.io.video import read_video, write_video
@@ -188,7 +188,8 @@ def test_every_sized_command_takes_size_hxw_and_states_the_rule(capsys):
         assert tuple(args.size) == (64, 96)
         with pytest.raises(SystemExit):
             main([command[0], "--help"])
-        assert " ".join(SIZE_RULE.split()) in " ".join(capsys.readouterr().out.split())
+        flags = "--size, --height, --width or --frames" if command[0] == "reconstruct" else "--size or --frames"
+        assert " ".join(size_rule(flags).split()) in " ".join(capsys.readouterr().out.split())
 
 
 def test_compat_says_what_it_cropped_from_a_video(tmp_path, capsys):

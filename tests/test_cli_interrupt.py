@@ -1,5 +1,5 @@
-"""Ctrl-C on the long commands: one line on what was kept and how to go on, exit status 130, no
-traceback; and running the same command again finishes the work."""
+"""Ctrl-C (SIGINT) and SIGTERM on the commands, at any moment: one line on what was kept and how to
+go on, exit status 130, no traceback; and running the same command again finishes the work."""
 import json
 import os
 import signal
@@ -123,8 +123,8 @@ def test_ctrl_c_on_train_names_the_step_it_resumes_from(tmp_path, monkeypatch, c
     monkeypatch.setattr(cli_train, "train", train_then_ctrl_c)
     assert main(["train", str(config), "--out", str(out), *(["--restart"] if restart else [])]) == INTERRUPTED
     again = "the same command without --restart" if restart else "the same command again"
-    assert capsys.readouterr().err == (f"interrupted: kept {out / 'training_state.pt'} at step 4 (later steps are "
-                                       f"lost); run {again} to resume from step 4\n")
+    assert capsys.readouterr().err == (f"interrupted: kept {out / 'training_state.pt'} at step 4, the last finished "
+                                       f"step; run {again} to resume from there\n")
 
 
 def test_ctrl_c_before_the_first_training_state_says_nothing_was_kept(tmp_path, monkeypatch, capsys):
@@ -138,3 +138,105 @@ def test_ctrl_c_before_the_first_training_state_says_nothing_was_kept(tmp_path, 
     assert main(["train", str(config), "--out", str(tmp_path / "run")]) == INTERRUPTED
     err = capsys.readouterr().err
     assert err.startswith("interrupted: nothing was kept") and "run the same command again" in err
+
+
+def start(argv: list[str], tmp_path: Path, prelude: str = "") -> subprocess.Popen:
+    """The command in a process group of its own (a terminal's Ctrl-C reaches the whole group),
+    with SIGINT handled as in a terminal even when pytest runs in the background."""
+    code = prelude + "\nimport sys\nfrom cvvae_core.cli.main import main\nsys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def stop(child: subprocess.Popen, signum: int, ready: Path | None = None) -> str:
+    """Send ``signum`` once ``ready`` exists (at once without one); the child's stderr."""
+    try:
+        deadline = time.monotonic() + 120
+        while ready is not None and not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready is None or ready.exists(), child.communicate(timeout=10)
+        os.killpg(child.pid, signum)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    return stderr
+
+
+@pytest.mark.parametrize("after", [0.15, 0.6, 1.5])
+def test_a_signal_while_the_command_starts_ends_it_in_one_line(tmp_path, after):
+    """During imports (torch takes a second or more), parsing and loading: nothing is written."""
+    child = subprocess.Popen([sys.executable, "-m", "cvvae_core", "demo", "--out", "demo"], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(after)
+    stderr = stop(child, signal.SIGINT)
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: "), stderr
+    assert not (tmp_path / "demo" / "metrics.json").exists()
+
+
+# Pauses the run for the signal once three clips are encoded (into a shard that is still open).
+PAUSE_AFTER_THREE_CLIPS = """
+import sys, time
+from pathlib import Path
+import cvvae_core.data.encode as encode
+ready, add = Path("ready"), encode._ShardWriter.add
+def add_then_pause(self, record, latent):
+    made = add(self, record, latent)
+    if len(self.records) >= 3:
+        ready.touch()
+        time.sleep(120)
+    return made
+encode._ShardWriter.add = add_then_pause
+"""
+
+
+def test_sigterm_on_encode_dataset_closes_the_open_shard(videos, tmp_path):
+    out = tmp_path / "out"
+    argv = [a for a in encode_args(videos, out) if a not in ("--shard-mb", "0.0001")]  # one shard for all clips
+    stderr = stop(start(argv, tmp_path, PAUSE_AFTER_THREE_CLIPS), signal.SIGTERM, tmp_path / "ready")
+    assert stderr.strip().splitlines()[-1] == (f"interrupted: 3 encoded clips are kept in {out} (its shards and "
+                                               "index); run the same command again to encode the rest"), stderr
+    assert len(clip_ids(out)) == 3 and len(list(out.glob("shard-*.safetensors"))) == 1
+    assert main(argv) == 0
+    assert len(clip_ids(out)) == 6 and len(set(clip_ids(out))) == 6
+
+
+# Pauses training for the signal after its third step (no state saved before: save_every is larger).
+PAUSE_AFTER_THREE_STEPS = """
+import time
+from pathlib import Path
+from cvvae_core.train.trainer import Trainer
+step = Trainer.step
+def step_then_pause(self, batches):
+    logs = step(self, batches)
+    if self.step_count == 3:
+        Path("ready").touch()
+        time.sleep(120)
+    return logs
+Trainer.step = step_then_pause
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_on_train_keeps_the_last_finished_step_and_the_rerun_resumes(tmp_path, monkeypatch, capsys, signum):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": "image_vae", "steps": 5, "save_every": 100, "log_every": 1, "frames": 1,
+                                  "height": 16, "width": 16, "tensorboard": False, "loss": {"perceptual": "none"},
+                                  "image_vae_config": {"base_channels": 8, "channel_mult": [1, 2],
+                                                       "blocks_per_level": 1, "norm_groups": 4}}))
+    argv = ["train", str(config), "--out", "run", "--device", "cpu"]
+    stderr = stop(start(argv, tmp_path, PAUSE_AFTER_THREE_STEPS), signum, tmp_path / "ready")
+    state = tmp_path / "run" / "training_state.pt"
+    assert stderr.strip().splitlines()[-1] == (f"interrupted: kept {Path('run') / 'training_state.pt'} at step 3, the "
+                                               "last finished step; run the same command again to resume from there")
+    assert torch.load(state, weights_only=True)["step"] == 3
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 0
+    assert f"resumed from {Path('run') / 'training_state.pt'} at step 3" in capsys.readouterr().err
+    assert torch.load(state, weights_only=True)["step"] == 5

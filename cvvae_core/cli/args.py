@@ -23,11 +23,47 @@ from ..errors import CheckpointCorruptError, CVVAEError, PickleRefusedError
 #: model, checked while parsing, before a model is loaded.
 SIZE_STEP, FRAME_STEP = 8, 4
 
-SIZE_RULE = (f"Sizes are HxW in multiples of {SIZE_STEP} (e.g. 256x256), frame counts 1+{FRAME_STEP}k (1, 5, 9, 13, "
-             "17, ...). A --size, --height, --width or --frames that is not is refused, naming the nearest valid "
-             "values. A video's own size and length (no --size or --frames given, or a video shorter than "
-             "--frames) are cropped down to the nearest valid values, and the command prints what it cropped; "
-             "encode-dataset instead skips a video shorter than --frames and lists it in errors.jsonl.")
+def size_rule(flags: str = "--size or --frames") -> str:
+    """The one rule of sizes and frame counts, as the help of a command with ``flags`` states it."""
+    return (f"Sizes are HxW in multiples of {SIZE_STEP} (e.g. 256x256), frame counts 1+{FRAME_STEP}k (1, 5, 9, 13, "
+            f"17, ...). A {flags} that is not is refused, naming the nearest valid values. A video's own size "
+            "and length (no --size or --frames given, or a video shorter than --frames) are cropped down to the "
+            "nearest valid values, and the command prints what it cropped; encode-dataset instead skips a video "
+            "shorter than --frames and lists it in errors.jsonl.")
+
+
+SIZE_RULE = size_rule()
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block above it), and whose missing
+    arguments are named in the command's own words."""
+
+    #: The command line being parsed, for :meth:`error` (argparse does not pass it on).
+    command_line: list[str] = []
+
+    def error(self, message: str):
+        required = "the following arguments are required: "
+        if message.startswith(required):
+            message = self._missing(message[len(required):].split(", "))
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _missing(self, names: list[str]) -> str:
+        positionals = [a for a in self._actions if not a.option_strings]
+        for a in positionals:
+            if isinstance(a, argparse._SubParsersAction):
+                return f"missing the command: one of {', '.join(a.choices)} (see {self.prog} --help)"
+        signature = " ".join([a.metavar or a.dest.upper() for a in positionals] + [
+            f"{a.option_strings[-1]} {a.metavar or a.dest.upper()}" for a in self._actions
+            if a.option_strings and a.required])
+        given = [t for t in self.command_line if not t.startswith("-")]
+        first = given[1] if len(given) > 1 else None  # given[0] is the subcommand
+        if positionals and positionals[0].dest == "checkpoint" and first and Path(first).suffix.lower() in VIDEO_SUFFIXES:
+            return (f"missing the checkpoint: {first} is a video, and the checkpoint (a release folder, a .safetensors "
+                    f"file or 'builtin') comes first: {self.prog} {signature}")
+        words = [n if n.startswith("-") else f"the {n} argument" for n in names]
+        listed = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+        return f"missing {listed}: {self.prog} {signature}"
 
 
 def int_at_least(minimum: int, multiple_of: int = 1):
@@ -99,6 +135,14 @@ def legacy_size_pairs(argv: list[str]) -> list[str]:
             out.append(argv[i])
             i += 1
     return out
+
+
+def existing_folder(text: str) -> str:
+    """An argparse ``type``: a folder that exists."""
+    if not Path(text).expanduser().is_dir():
+        what = "is a file" if Path(text).expanduser().exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {what}; give an existing folder")
+    return text
 
 
 def device_name(text: str) -> str:

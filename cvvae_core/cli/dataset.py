@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ..data.encode import EncodeOptions, encode_dataset, merge, read_jsonl
 from ..devices import DTYPES
-from ..errors import CheckpointError
-from .args import SIZE_RULE, argument_errors, device_name, frame_count, int_at_least, size_hw
+from ..errors import CheckpointError, InputError, MemoryBudgetError, OutputPathError
+from .args import SIZE_RULE, argument_errors, device_name, existing_folder, frame_count, int_at_least, size_hw
+from .model import DISK_DIR_HELP, budget_advice
 
 
 def windows_spec(text: str) -> str:
@@ -22,8 +23,10 @@ def register(subparsers) -> None:
                                                      "(resumable; run under torchrun for several GPUs/machines)",
                               epilog=SIZE_RULE)
     p.add_argument("checkpoint", help="release folder, a .safetensors file, or 'builtin'")
-    p.add_argument("--videos", required=True, help="folder of videos (searched recursively) or a text file with "
-                                                   "one video path per line")
+    p.add_argument("--videos", required=True, metavar="FOLDER_OR_MANIFEST",
+                   help="a folder of videos (searched recursively), or a manifest: .txt (one path per line), .csv or "
+                        ".jsonl (a path per row, with optional start/end times or frames to take a part of a "
+                        "video); relative paths are relative to the manifest")
     p.add_argument("--out", required=True, help="output folder: shards, index.jsonl, errors.jsonl, run.json")
     p.add_argument("--frames", type=frame_count(), metavar="N", default=17,
                    help="frames per clip, 1+4k (default 17)")
@@ -38,6 +41,7 @@ def register(subparsers) -> None:
                    help="posterior mean, a sample (seeded per clip), or mean and logvar stacked (2C channels)")
     p.add_argument("--tiling", choices=["none", "seamless", "official"], default="none",
                    help="the tiling engine for frames too large for memory (default none)")
+    p.add_argument("--disk-dir", type=existing_folder, metavar="DIR", help=DISK_DIR_HELP + " (with --tiling)")
     p.add_argument("--shard-mb", type=float, default=256.0, help="start a new shard after this many MiB (default 256)")
     p.add_argument("--num-workers", type=int_at_least(0), default=2, help="video decoding processes (default 2)")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)")
@@ -50,13 +54,22 @@ def register(subparsers) -> None:
 
 
 def cmd_encode_dataset(args) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise OutputPathError(f"argument --out: {args.out} is a file; give a folder (new, or an earlier run's to "
+                              "resume it)")
+    if args.disk_dir and args.tiling == "none":
+        raise InputError("--disk-dir is for the tiling engine: add --tiling seamless")
     opts = EncodeOptions(model=args.checkpoint, videos=args.videos, out=args.out, frames=args.frames,
                          height=args.size[0], width=args.size[1], frame_stride=args.stride, windows=args.windows,
                          dtype=args.dtype, batch_size=args.batch_size, output=args.output, tiling=args.tiling,
-                         shard_mb=args.shard_mb, num_workers=args.num_workers, device=args.device, strict=args.strict)
-    with argument_errors("checkpoint", args.checkpoint, CheckpointError,
-                         role="the first argument is the checkpoint, the videos go to --videos"):
-        s = encode_dataset(opts)
+                         shard_mb=args.shard_mb, num_workers=args.num_workers, device=args.device, strict=args.strict,
+                         disk_dir=args.disk_dir)
+    try:
+        with argument_errors("checkpoint", args.checkpoint, CheckpointError,
+                             role="the first argument is the checkpoint, the videos go to --videos"):
+            s = encode_dataset(opts)
+    except MemoryBudgetError as e:
+        raise budget_advice(e) from None
     rank = f"rank {s.rank}/{s.world_size} " if s.world_size > 1 else ""
     print(f"{rank}encoded  {s.encoded} clips in {s.seconds:.1f}s ({s.clips_per_second:.2f} clips/s); "
           f"{s.already_done} already in the index")
@@ -76,6 +89,7 @@ def encode_interrupted(args) -> str:
 
 
 def cmd_merge(args) -> int:
-    clips, failed = merge(args.out)
+    with argument_errors("out", args.out, InputError):
+        clips, failed = merge(args.out)
     print(f"merged   {clips} clips into {args.out}/index.jsonl, {failed} failed videos into {args.out}/errors.jsonl")
     return 0

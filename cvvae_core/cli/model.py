@@ -12,15 +12,20 @@ import torch
 from .. import metrics
 from ..devices import DTYPES, resolve_device, resolve_dtype
 from ..distributed import TileGroup, join_ranks
-from ..errors import CheckpointError, DistributedRunError, InputError, OutOfMemoryError, VideoFileError
+from ..errors import (CheckpointError, DistributedRunError, InputError, MemoryBudgetError, OutOfMemoryError,
+                      OutputPathError, VideoFileError)
 from ..io.checkpoint import build_model, load_model, read_state_dict
 from ..io.video import (check_output_path, read_video, side_by_side_strip, to_model_range, to_uint8, write_png,
                         write_video)
 from ..progress import TextProgress
 from ..tiling import TilingOptions
-from .args import SIZE_RULE, argument_errors, describe_crop, device_name, frame_count, int_at_least, side, size_hw
+from .args import (argument_errors, describe_crop, device_name, existing_folder, frame_count, int_at_least,
+                   side, size_hw, size_rule)
+from .outputs import OVERWRITE_HELP, check_outputs
 
 CHECKPOINT_HELP = "release folder, its parent, a .safetensors file, or 'builtin'"
+DISK_DIR_HELP = ("an existing folder for layer outputs that fit neither device nor host memory (memory-mapped "
+                 "files, removed after the pass); without it such a clip is refused before any work")
 CHECKPOINT_FIRST = "the first argument is the checkpoint, the input video comes second"
 
 
@@ -32,7 +37,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_info)
 
     p = subparsers.add_parser("reconstruct", help="encode and decode a video; print PSNR/SSIM; write MP4 + PNG strip",
-                              epilog=SIZE_RULE)
+                              epilog=size_rule("--size, --height, --width or --frames"))
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("input", help="input video (anything FFmpeg reads)")
     p.add_argument("output", help="output .mp4 (or .mkv, .mov)")
@@ -51,7 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--tile-size", type=int_at_least(8, multiple_of=8),
                    help="spatial tile in pixels, a multiple of 8 (default: from free memory)")
     p.add_argument("--chunk-frames", type=int_at_least(1), help="frames per time chunk (default: automatic)")
-    p.add_argument("--strip", help="side-by-side PNG path (default: OUTPUT with .png)")
+    p.add_argument("--disk-dir", type=existing_folder, metavar="DIR", help=DISK_DIR_HELP)
+    p.add_argument("--strip", metavar="PNG", help="side-by-side .png path (default: OUTPUT with .png)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--allow-pickle", action="store_true", help="also read .ckpt/.pt/.bin (weights_only=True)")
     p.add_argument("--distributed", action="store_true",
                    help="under torchrun: share the seamless tiles of the clip among the ranks (rank 0 writes)")
@@ -130,6 +137,8 @@ def _reconstruct(args, rank: int, group=None) -> int:
     def prepare():
         with argument_errors("output", args.output, VideoFileError):
             check_output_path(args.output)  # before minutes of work, not after
+        check_outputs({"output": Path(args.output), "--strip": strip_path(args)},
+                      {"checkpoint": args.checkpoint, "input": args.input}, args.overwrite)
         with argument_errors("checkpoint", args.checkpoint, CheckpointError, pickle_flag=True, role=CHECKPOINT_FIRST):
             model = load_model(args.checkpoint, device=device,
                                dtype=resolve_dtype(args.dtype), allow_pickle=args.allow_pickle)
@@ -150,7 +159,7 @@ def _reconstruct(args, rank: int, group=None) -> int:
             return None  # untiled: the whole clip at once
         return TilingOptions(mode=args.tiling, tile_size=args.tile_size, chunk_frames=args.chunk_frames,
                              progress=TextProgress(label, percent=True) if rank == 0 else None,
-                             distributed=args.distributed)
+                             distributed=args.distributed, disk_dir=args.disk_dir)
     try:
         enc = model.encode_framed(video, frame_policy="trim", tiling=tiling("encode"))
         if cropped := describe_crop(enc.adjustment, model.config):
@@ -158,6 +167,8 @@ def _reconstruct(args, rank: int, group=None) -> int:
         recon = model.decode(enc, tiling=tiling("decode"))
     except (OutOfMemoryError, torch.OutOfMemoryError):
         raise OutOfMemoryError(out_of_memory_advice(args.tiling)) from None
+    except MemoryBudgetError as e:
+        raise budget_advice(e) from None
     seconds = time.monotonic() - start
     if rank == 0:
         guarded(lambda: _write_outputs(args, frames, fps, video, enc, recon, seconds))
@@ -175,7 +186,7 @@ def _write_outputs(args, frames, fps, video, enc, recon, seconds):
     print(f"SSIM     {metrics.ssim(recon, target):.4f}")
     metrics_seconds, start = time.monotonic() - start, time.monotonic()
     out_frames = to_uint8(recon)
-    strip = Path(args.strip) if args.strip else Path(args.output).with_suffix(".png")
+    strip = strip_path(args)
     try:
         write_video(args.output, out_frames, fps)
         write_png(strip, side_by_side_strip(frames[: out_frames.shape[0], : out_frames.shape[1],
@@ -186,6 +197,24 @@ def _write_outputs(args, frames, fps, video, enc, recon, seconds):
         raise
     print(f"time     {metrics_seconds:.1f}s PSNR+SSIM, {time.monotonic() - start:.1f}s writing")
     print(f"wrote    {args.output} and {strip} (top: input, bottom: reconstruction)")
+
+
+def strip_path(args) -> Path:
+    """The side-by-side PNG of ``reconstruct``: ``--strip``, which must end in .png, or OUTPUT with .png."""
+    if not args.strip:
+        return Path(args.output).with_suffix(".png")
+    if Path(args.strip).suffix.lower() != ".png":
+        raise OutputPathError(f"argument --strip: {args.strip} must end in .png (the strip is written as PNG)")
+    return Path(args.strip)
+
+
+def budget_advice(error: MemoryBudgetError) -> MemoryBudgetError:
+    """The engine's refusal of a plan that fits no memory budget, with the command line's ways out."""
+    found = str(error).split(" Use ")[0]
+    return MemoryBudgetError(f"{found} Use --disk-dir DIR (a folder for layer outputs), --tiling official (the "
+                             "release's tiles: seams), or a smaller --size / --frames",
+                             device_needed=error.device_needed, host_needed=error.host_needed,
+                             device_budget=error.device_budget, host_budget=error.host_budget)
 
 
 def out_of_memory_advice(tiling: str) -> str:

@@ -11,9 +11,9 @@ import torch
 
 from ..data.synthetic import SyntheticConfig, generate_batch, generate_clip
 from ..devices import resolve_device
-from ..errors import CheckpointError, UnknownImageFamilyError, VideoFileError
+from ..errors import CheckpointError, OutputPathError, UnknownImageFamilyError, VideoFileError
 from ..io.builtin import builtin_path
-from ..io.checkpoint import load_model, save_model
+from ..io.checkpoint import WEIGHTS_NAME, load_model, save_model
 from ..io.image_vae_file import image_family, load_image_vae
 from ..io.video import read_video, to_model_range, to_uint8, write_png
 from ..model.frames import conform
@@ -21,7 +21,11 @@ from ..spec import IMAGE_FAMILIES, family_of, same_shape_twins
 from ..train.compatibility import compat_report, format_report, load_clip
 from ..train.inflate import default_calibration_latents, inflate, single_frame_gap
 from .args import SIZE_RULE, argument_errors, describe_crop, device_name, frame_count, int_at_least, size_hw
+from .outputs import OVERWRITE_HELP, check_output_folder, check_outputs, same_path
 from .train import FAMILY_HELP
+
+#: The files ``demo`` writes into its folder.
+DEMO_FILES = ("input.png", "reconstruction.png", "image_decoder.png", "metrics.json")
 
 #: The compatibility measure and the demo need at least one latent step: 1+4k frames, k >= 1.
 MIN_CLIP_FRAMES = 5
@@ -41,8 +45,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("inflate", help="initialise a CV-VAE from an SD-family image VAE (2-D -> 3-D)")
     p.add_argument("image_vae", help="image VAE: .safetensors in the LDM layout (prefix first_stage_model./vae. ok) "
                                      "or the diffusers layout, a diffusers VAE folder, or 'builtin'")
-    p.add_argument("out", help="output: a .safetensors file or a release folder")
+    p.add_argument("out", help="output: a .safetensors file, or a release folder (a name without suffix)")
     p.add_argument("--family", choices=sorted(IMAGE_FAMILIES), help=FAMILY_HELP)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_inflate)
 
     p = subparsers.add_parser("compat", help="the paper's compatibility measure (image decoder on the video latent)",
@@ -61,7 +66,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("demo", help="reconstruct a generated clip with the built-in model and report PSNR/SSIM",
                               epilog=SIZE_RULE)
-    p.add_argument("--out", default="out/demo", help="folder for the frames (PNG) and metrics.json")
+    p.add_argument("--out", default="out/demo", help="folder for the frames (PNG) and metrics.json (default: out/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
     p.add_argument("--seed", type=int_at_least(0), default=7, help="seed of the generated clip (>= 0)")
     p.add_argument("--frames", type=frame_count(MIN_CLIP_FRAMES), metavar="N", default=17,
                    help=f"frames, 1+4k, at least {MIN_CLIP_FRAMES} (default 17)")
@@ -81,6 +87,7 @@ def cmd_inflate(args) -> int:
     if args.family and args.image_vae == "builtin":
         raise UnknownImageFamilyError("--family is for an image VAE file; the built-in image VAE has its own "
                                       "latent space (drop --family)")
+    check_inflate_output(args)
     image_vae = load_image_vae_arg("image_vae", args.image_vae, family=args.family)
     cfg = image_vae.config
     print(f"image VAE: {cfg.latent_channels} latent channels, widths {list(cfg.level_channels)}, "
@@ -97,6 +104,22 @@ def cmd_inflate(args) -> int:
     print(f"single frame vs the image VAE: latent max |diff| {gap['latent_max_abs']:.2e} "
           f"(latent max |z| {gap['latent_scale']:.2f}); reconstruction PSNR {gap['recon_psnr_vs_image_vae']:.2f} dB")
     return 0
+
+
+def check_inflate_output(args):
+    """``inflate``'s output: a .safetensors file, or a folder (no suffix) for the release layout."""
+    out = Path(args.out)
+    if out.suffix and out.suffix.lower() != ".safetensors":
+        raise OutputPathError(f"argument out: {out} must end in .safetensors, or be a folder name without suffix "
+                              "(the release layout)")
+    if out.suffix:
+        check_outputs({"out": out}, {"image_vae": args.image_vae}, args.overwrite)
+    else:
+        if out.exists() and not out.is_dir():
+            raise OutputPathError(f"argument out: {out} is a file; give a folder name or a .safetensors file")
+        if same_path(out, args.image_vae):
+            raise OutputPathError(f"argument out: {out} is the image_vae argument; give another output folder")
+        check_output_folder("out", out, ["config.json", WEIGHTS_NAME], args.overwrite)
 
 
 def cmd_compat(args) -> int:
@@ -127,12 +150,13 @@ def clip_strip(video: torch.Tensor) -> torch.Tensor:
 
 
 def cmd_demo(args) -> int:
+    out = Path(args.out)
+    check_output_folder("--out", out, list(DEMO_FILES), args.overwrite)
     model, image_vae = load_model("builtin", dtype=torch.float32), load_image_vae("builtin")
     h, w = args.size
     clip = generate_clip(args.seed, SyntheticConfig(frames=args.frames, height=h, width=w)).unsqueeze(0)
     report = compat_report(model, image_vae, clip)
     latent = model.encode(clip)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_png(out / "input.png", clip_strip(clip[0]))
     write_png(out / "reconstruction.png", clip_strip(model.decode(latent)[0]))

@@ -72,6 +72,7 @@ class EncodeOptions:
     num_workers: int = 2
     device: str = "auto"
     strict: bool = False
+    disk_dir: str | None = None     # the tiling engine's disk tier (TilingOptions.disk_dir)
     fault_after_clips: int | None = field(default=None, repr=False)  # None: from $CVVAE_FAULT_AFTER_CLIPS
 
     def __post_init__(self):
@@ -114,7 +115,7 @@ class Input:
 
 def list_inputs(videos: str) -> list[Input]:
     """Every input of a folder or manifest, sorted by key: the order ranks split (the same on every restart)."""
-    sources, problems = list_sources(videos, "videos")
+    sources, problems = list_sources(videos, "--videos")
     inputs = [Input(s.key, s) for s in sources] + [Input(p["path"], problem=p["reason"]) for p in problems]
     return sorted(inputs, key=lambda i: i.key)
 
@@ -255,8 +256,14 @@ def _sort_key(record: dict):
 def merge(out) -> tuple[int, int]:
     """Merge every rank's ``index.rank*.jsonl`` / ``errors.rank*.jsonl`` into ``index.jsonl`` /
     ``errors.jsonl``, sorted by source and frame (the same whatever the number of ranks); each
-    clip once. Returns (clips, failed videos). Safe to run again at any time."""
+    clip once. Returns (clips, failed videos). Safe to run again at any time. A folder that
+    encode-dataset did not make is refused, and nothing is written into it."""
     out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"{out} is not a folder; give the --out folder of an encode-dataset run")
+    if not (out / "run.json").is_file() and not any(out.glob("index.rank*.jsonl")):
+        raise InputError(f"{out} is not an encode-dataset output folder (it has no run.json and no "
+                         "index.rank*.jsonl); give the --out folder of an encode-dataset run")
     clips = {}
     for part in sorted(out.glob("index.rank*.jsonl")):
         for r in read_jsonl(part):
@@ -328,16 +335,19 @@ class _ShardWriter:
         return self.flush() if self.bytes >= self.shard_bytes else 0
 
     def flush(self) -> int:
+        """Write the queued clips as a shard, then their index lines; returns how many. Called again
+        after an interrupt inside it, it writes nothing twice: the queue is emptied first (a shard
+        cut short is removed, and its clips encoded again, by the next run)."""
         if not self.records:
             return 0
         name = f"shard-r{self.rank:03d}-{self.next_number:06d}.safetensors"
-        write_shard(self.out / name, self.tensors, {"format": "cvvae_core latents", "clips": str(len(self.records)),
-                                                    "shard": name})
-        append_lines(self.index, [{**r, "shard": name} for r in self.records])  # only now: the shard is durable
-        count = len(self.records)
+        tensors, records = self.tensors, self.records
         self.next_number += 1
         self.tensors, self.records, self.bytes = {}, [], 0
-        return count
+        write_shard(self.out / name, tensors, {"format": "cvvae_core latents", "clips": str(len(records)),
+                                               "shard": name})
+        append_lines(self.index, [{**r, "shard": name} for r in records])  # only now: the shard is durable
+        return len(records)
 
 
 def _drop_lost_shards(out: Path, ranks: Ranks):
@@ -377,7 +387,8 @@ class _BatchEncoder:
     def __init__(self, model: CVVAE, opts: EncodeOptions, device: torch.device, writer: _ShardWriter,
                  fault_after: int | None):
         self.model, self.opts, self.device, self.writer, self.fault_after = model, opts, device, writer, fault_after
-        self.tiling = None if opts.tiling == "none" else TilingOptions(mode=opts.tiling, output_device=device)
+        self.tiling = None if opts.tiling == "none" else TilingOptions(mode=opts.tiling, output_device=device,
+                                                                           disk_dir=opts.disk_dir)
         self.pending: list[dict] = []
         self.encoded = 0                # clips encoded by this run
         self.durable = 0                # ... and written with their index lines
@@ -504,14 +515,23 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
             rate = encoder.encoded / elapsed if elapsed > 0 else 0.0
             bar(n, len(todo), f"videos, {encoder.encoded} clips, {rate:.2f} clips/s{eta}")
 
-        for n, item in enumerate(loader, 1):
-            if item["error"]:
-                append_lines(out / f"errors.rank{ranks.rank}.jsonl",
-                             [{"source": item["name"], "error": item["error"], "reason": item["reason"]}])
-                summary.failed_videos += 1
-            for clip in item["clips"]:
-                encoder.add(clip)
-            report(n, f", ETA {(time.monotonic() - start) / n * (len(todo) - n):.0f}s")
+        try:
+            for n, item in enumerate(loader, 1):
+                if item["error"]:
+                    append_lines(out / f"errors.rank{ranks.rank}.jsonl",
+                                 [{"source": item["name"], "error": item["error"], "reason": item["reason"]}])
+                    summary.failed_videos += 1
+                for clip in item["clips"]:
+                    encoder.add(clip)
+                report(n, f", ETA {(time.monotonic() - start) / n * (len(todo) - n):.0f}s")
+        except KeyboardInterrupt:
+            # Ctrl-C / SIGTERM: the clips encoded so far go to a shard of their own, so a run
+            # started again goes on from here; the batch being encoded is done again then.
+            bar.close()
+            encoder.writer.flush()
+            if ranks.world == 1:
+                merge(out)
+            raise
         encoder.finish()
         report(len(todo), "")  # the final counts, the last batch included
         bar.close()

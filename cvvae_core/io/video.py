@@ -7,7 +7,9 @@ import os
 import random
 import struct
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -203,13 +205,32 @@ def check_output_path(path) -> Path:
     return path
 
 
+def frame_rate(fps: float) -> Fraction:
+    """The exact rate behind a float frame rate: 30000/1001 for 29.97, 24 for 24.0 (the NTSC
+    rates have denominator 1001)."""
+    return Fraction(fps).limit_denominator(1001)
+
+
+@contextmanager
+def _replaced_on_success(path: Path):
+    """A temporary name next to ``path`` (same suffix) that replaces ``path`` once the block
+    ends without error; on any error or interrupt it is removed and ``path`` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_video(path, frames: torch.Tensor, fps: float = 24.0, crf: int = 18):
-    """Write uint8 ``[T, H, W, 3]`` frames as H.264 MP4 (yuv420p, so H and W are made even)."""
+    """Write uint8 ``[T, H, W, 3]`` frames as H.264 MP4 (yuv420p, so H and W are made even) at
+    the exact rate of ``fps`` (:func:`frame_rate`). ``path`` appears complete or not at all."""
     path = check_output_path(path)
     frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+    with _replaced_on_success(path) as tmp, av.open(str(tmp), "w") as container:
+        stream = container.add_stream("libx264", rate=frame_rate(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf)}
@@ -219,7 +240,7 @@ def write_video(path, frames: torch.Tensor, fps: float = 24.0, crf: int = 18):
 
 
 def write_png(path, image: torch.Tensor):
-    """Write a uint8 ``[H, W, 3]`` image as PNG (zlib + struct only)."""
+    """Write a uint8 ``[H, W, 3]`` image as PNG (zlib + struct only); ``path`` appears complete or not at all."""
     arr = np.ascontiguousarray(image.cpu().numpy().astype(np.uint8))
     h, w, _ = arr.shape
     raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))
@@ -229,8 +250,8 @@ def write_png(path, image: torch.Tensor):
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(png)
+    with _replaced_on_success(Path(path)) as tmp:
+        tmp.write_bytes(png)
 
 
 def side_by_side_strip(original: torch.Tensor, reconstruction: torch.Tensor, columns: int = 5) -> torch.Tensor:

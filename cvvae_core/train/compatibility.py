@@ -4,8 +4,9 @@ A clip of 1+4k frames is encoded by the video VAE into 1+k latent frames. Each l
 decoded on its own by the image VAE's decoder and compared with video frame 4i (latent frame 0
 stands for frame 0 alone; latent frame i >= 1 for frames 4i-3 .. 4i, of which 4i is the last and
 the one the causal encoder has fully seen). Next to it: the video VAE's own reconstruction of the
-whole clip, and, as the ceiling for the image-decoder numbers, the image VAE's reconstruction of
-the same frames 4i from its own latents.
+whole clip, and, as the reference for the image-decoder numbers, the image VAE's reconstruction
+of the same frames 4i from its own latents (what the image decoder gives on the latents it was
+trained on; the video VAE's own reconstruction can score above it).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def usable_frames(video: torch.Tensor, cfg: CVVAEConfig) -> torch.Tensor:
 def compat_report(video_vae: CVVAE, image_vae: ImageVAE, clip: torch.Tensor) -> dict:
     """PSNR/SSIM of: the video VAE's reconstruction; the image decoder on the video latent
     (latent frame i vs video frame ``step * i``, ``step`` the model's time compression); the image
-    VAE on those frames (the ceiling)."""
+    VAE on those frames (the reference for the image decoder's numbers)."""
     clip = usable_frames(clip.float(), video_vae.config)
     step = video_vae.config.time_compression
     dev = video_vae.device
@@ -77,5 +78,5 @@ def format_report(r: dict) -> str:
         f"image decoder on video latent      PSNR {r['image_decoder_psnr']:6.2f} dB  SSIM {r['image_decoder_ssim']:.4f}"
         f"  (latent frame i vs frame {r['time_compression']}i)",
         f"image VAE on the same frames       PSNR {r['image_vae_psnr']:6.2f} dB  SSIM {r['image_vae_ssim']:.4f}"
-        "  (ceiling)",
+        "  (reference for the row above: the image decoder on its own latents)",
     ])

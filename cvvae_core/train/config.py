@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..data.clips import DataConfig
 from ..errors import TrainConfigError
-from ..io.builtin import is_builtin
+from ..data.manifest import VIDEO_SUFFIXES
+from ..io.builtin import CONFIGS_DIR, is_builtin
 from ..spec import IMAGE_FAMILIES
 
 MODELS = ("image_vae", "cvvae")
@@ -210,9 +211,13 @@ class TrainConfig:
     def from_json(cls, path, overrides: dict | None = None) -> "TrainConfig":
         """The config in file ``path`` (paths in it resolved as the class docstring says), with
         ``overrides`` (keys of this class; None values ignored) applied before it is checked."""
-        path = Path(path)
+        path = config_path(path)
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            what = "a video" if path.suffix.lower() in VIDEO_SUFFIXES else "not a text file"
+            raise TrainConfigError(f"{path} is {what}, not a training config (a .json file, or a shipped config: "
+                                   f"{', '.join(shipped_configs())})") from None
         except (OSError, json.JSONDecodeError) as e:
             raise TrainConfigError(f"cannot read training config {path}: {e}") from None
         if not isinstance(values, dict):
@@ -223,6 +228,26 @@ class TrainConfig:
             return build(cls, values)
         except TrainConfigError as e:
             raise TrainConfigError(f"{path}: {e}") from None
+
+
+def shipped_configs() -> list[str]:
+    """The names of the training configs that ship with the package (``builtin_cvvae``, ...)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
+def config_path(name) -> Path:
+    """The config file ``name`` stands for: an existing file, else a shipped config by its name with
+    or without ``.json`` (``builtin_cvvae``), also as a path that is not there (the clone's
+    ``cvvae_core/train_configs/builtin_cvvae.json`` run from another folder)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    stem = path.name[:-len(".json")] if path.name.endswith(".json") else path.name
+    if not path.exists() and stem in shipped_configs():
+        return CONFIGS_DIR / f"{stem}.json"
+    found = "is a folder" if path.is_dir() else "does not exist"
+    raise TrainConfigError(f"{name} {found}; give a training config .json file, or a shipped config: "
+                           f"{', '.join(shipped_configs())}")
 
 
 def _relative_to(value, folder: Path, model: bool = False):

@@ -104,6 +104,8 @@ def panel(title: str, series: dict[str, list[tuple[int, float]]], log_scale: boo
 
 def read_log(run_dir) -> list[dict]:
     path = Path(run_dir) / "log.jsonl"
+    if Path(run_dir).is_file():
+        raise InputError(f"{run_dir} is a file; give the output folder of a training run (its out_dir)")
     if not path.is_file():
         raise InputError(f"{path} does not exist; give the output folder of a training run (its out_dir)")
     records = []

@@ -143,6 +143,23 @@ class _Loop:
                 print(f"  {name}: {meaning}", file=sys.stderr)
         loader = iter(self.data.loader(trainer.step_count, cfg.steps, cfg.batch_size, ranks.rank, ranks.world,
                                        cfg.grad_accum))
+        self.saved_step = trainer.step_count  # what OUT holds (resumed from, or nothing new yet)
+        try:
+            self._steps(loader)
+        except KeyboardInterrupt:
+            # Ctrl-C / SIGTERM: keep the last finished step, resumable (an update is never cut in
+            # half: Trainer.step applies it whole), unless OUT already holds it.
+            self.bar.close()
+            if ranks.rank == 0 and trainer.step_count > self.saved_step:
+                trainer.save(self.out_dir)
+            raise
+        if ranks.rank == 0:
+            trainer.save(self.out_dir)
+            plot_run(self.out_dir)
+        ranks.barrier()  # no rank leaves before rank 0 has written
+
+    def _steps(self, loader):
+        cfg, trainer, ranks = self.cfg, self.trainer, self.ranks
         while trainer.step_count < cfg.steps:
             micro = [next(loader) for _ in range(cfg.grad_accum)]
             for mb in micro:
@@ -158,10 +175,6 @@ class _Loop:
                     print(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached", file=sys.stderr)
                 break
         self.bar.close()
-        if ranks.rank == 0:
-            trainer.save(self.out_dir)
-            plot_run(self.out_dir)
-        ranks.barrier()  # no rank leaves before rank 0 has written
 
     def _log_step(self, step: int, logs: dict) -> bool:
         """Log the skipped videos and the step's values; whether the run must stop (max_minutes)."""
@@ -191,5 +204,6 @@ class _Loop:
             self.log.write({"step": step, **trainer.validate(self.data.val)})
         if step % cfg.save_every == 0:
             trainer.save(self.out_dir)
+            self.saved_step = step
         if step in cfg.snapshot_steps:
             trainer.save_snapshot(self.out_dir / f"checkpoint-{step}")

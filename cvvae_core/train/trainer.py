@@ -10,8 +10,10 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -212,15 +214,16 @@ class Trainer:
             self.ranks.average_gradients(self.loss.discriminator.parameters())
         if self.cfg.grad_clip:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
-        self.opt.step()
-        self.sched.step()
-        if disc_on:
-            self.disc_opt.step()
-        if self.ema is not None:
-            with torch.no_grad():
-                ema, live = list(self.ema.parameters()), list(self.model.parameters())
-                torch._foreach_lerp_(ema, live, 1 - self.cfg.ema_decay)
-        self.step_count += 1
+        with _signals_after():  # the update is whole or not at all: an interrupt leaves a state to save
+            self.opt.step()
+            self.sched.step()
+            if disc_on:
+                self.disc_opt.step()
+            if self.ema is not None:
+                with torch.no_grad():
+                    ema, live = list(self.ema.parameters()), list(self.model.parameters())
+                    torch._foreach_lerp_(ema, live, 1 - self.cfg.ema_decay)
+            self.step_count += 1
         logs = self.ranks.mean(totals)  # the global batch's values: the losses are per-clip means
         logs["lr"] = self.sched.get_last_lr()[0]
         return logs
@@ -293,3 +296,24 @@ class Trainer:
             self.ema.load_state_dict(state.get("ema", state["model"]))  # EMA switched on mid-run: starts here
         self.step_count = state["step"]
         return True
+
+
+@contextmanager
+def _signals_after():
+    """SIGINT and SIGTERM that arrive inside the block are handled (by the handlers in place) when
+    it ends, so that weights, optimizer, schedule, EMA and step count change together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handled = {s: h for s, h in before.items() if callable(h)}
+    for s in handled:
+        signal.signal(s, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for s, h in handled.items():
+            signal.signal(s, h)
+        for signum, frame in caught[:1]:
+            handled[signum](signum, frame)
