@@ -140,12 +140,6 @@ class CVVAETuneSVDOutputLayer(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE from 'Load CV-VAE' (4 latent channels: vae3d / vae3d_v1-1)."),
                 io.String.Input("name", default="svd_cvvae_head",
                                 tooltip="File name of the tuned layer in models/cvvae_svd_heads."),
-                io.String.Input("data", default="", optional=True,
-                                tooltip="A folder of videos, a .txt/.csv/.jsonl manifest, or a latent dataset folder "
-                                        "written by `cvvae encode-dataset` (encoded once). Leave empty when 'images' "
-                                        "is connected."),
-                io.Image.Input("images", optional=True,
-                               tooltip="Instead of 'data': frames cut into consecutive clips of 'frames' frames."),
                 io.Int.Input("steps", default=500, min=1, max=100000,
                              tooltip="Total optimiser steps (the paper: 5000). With resume on, a run continues up to this."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
@@ -174,6 +168,12 @@ class CVVAETuneSVDOutputLayer(io.ComfyNode):
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue the file 'name' when it exists (same model, frames and size); "
                                          "off starts over and replaces it."),
+                io.String.Input("data", default="", optional=True,
+                                tooltip="A folder of videos, a .txt/.csv/.jsonl manifest, or a latent dataset folder "
+                                        "written by `cvvae encode-dataset` (encoded once). Leave empty when 'images' "
+                                        "is connected."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Instead of 'data': frames cut into consecutive clips of 'frames' frames."),
             ],
             outputs=[io.String.Output(display_name="layer_name"),
                      io.Image.Output(display_name="loss_curve"),
