@@ -204,7 +204,11 @@ class CVVAETuneSVDOutputLayer(io.ComfyNode):
         previous = None
         if resume and os.path.isfile(path):
             previous = svd_head.load_head(path)
-            svd_head.check_identity(previous.meta, base, os.path.basename(path))
+            try:
+                svd_head.check_identity(previous.meta, base, os.path.basename(path))
+            except svd_head.BaseModelMismatchError as e:
+                raise ValueError(f"{TUNE_NODE}: resume: {e}; or give another name, or turn resume off to start "
+                                 "over") from None
             if (previous.meta.get("frames"), previous.meta.get("height"), previous.meta.get("width")) != (frames, height, width):
                 raise ValueError(f"{TUNE_NODE}: {os.path.basename(path)} was tuned on {previous.meta.get('frames')} frames "
                                  f"at {previous.meta.get('width')}x{previous.meta.get('height')}; use those, another "

@@ -248,3 +248,10 @@ def test_tune_node_checks_inputs_before_work(vae, clip_vision, images):
     with pytest.raises(ValueError, match="give 'data'"):
         tune(model, clip_vision, vae, None, "bad")
     assert folder_paths.get_full_path(svd_tuning.HEAD_FOLDER, "bad.safetensors") is None
+
+
+def test_resume_refuses_a_file_of_another_model(vae, clip_vision, images):
+    tune(svd_patcher(), clip_vision, vae, images, "resume_other", steps=1)
+    with pytest.raises(ValueError, match="resume: .*tuned on another base model.*turn resume off"):
+        tune(svd_patcher(seed=5), clip_vision, vae, images, "resume_other", steps=2, resume=True)
+    tune(svd_patcher(seed=5), clip_vision, vae, images, "resume_other", steps=1, resume=False)
