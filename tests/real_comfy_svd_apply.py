@@ -25,6 +25,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--comfy-dir", required=True)
     p.add_argument("--ckpt", required=True)
+    p.add_argument("--bf16", action="store_true", help="UNet in bf16 (half the memory; CPU default is fp32)")
     args = p.parse_args()
     sys.path.insert(0, str(Path(args.comfy_dir).resolve()))
     import comfy.cli_args
@@ -40,9 +41,11 @@ def main():
     spec.loader.exec_module(pack)
     from cvvae_pack.nodes import nodes, svd_tuning
 
+    options = {"dtype": torch.bfloat16} if args.bf16 else {}
     t0 = time.time()
     model, _, _, clip_vision = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=False, output_clip=False,
-                                                                     output_clipvision=True)
+                                                                     output_clipvision=True,
+                                                                     model_options=options)
     print(f"ComfyUI {getattr(comfy, '__version__', '')} loaded {type(model.model).__name__} in {time.time() - t0:.0f}s")
     vae = nodes.CVVAELoader.execute(model_name=nodes.BUILTIN_NAME, dtype="auto").args[0]
     images = torch.cat([nodes.synthetic_clip(5, 64, 64, seed=k) for k in range(2)])

@@ -234,8 +234,6 @@ def tune(tuner: HeadTuner, batches: Callable[[int], list[Example]], heldout: lis
     finished step. ``progress(step, steps, running_loss)`` after each step."""
     cfg = tuner.cfg
     result = TuneResult(step=start, losses=list(losses or []))
-    if heldout:
-        result.heldout_before = tuner.evaluate(heldout, {"base": tuner.heads()["base"]})["base"]
     running = None
     for step in range(start, cfg.steps):
         if interrupted is not None and interrupted():
@@ -249,7 +247,9 @@ def tune(tuner: HeadTuner, batches: Callable[[int], list[Example]], heldout: lis
         if progress is not None:
             progress(step + 1, cfg.steps, running)
     if heldout:
-        result.heldout_after = tuner.evaluate(heldout, {"tuned": tuner.heads()["tuned"]})["tuned"]
+        # The base layer's loss needs no pass of its own: the features depend on the noisy input only.
+        losses_by_head = tuner.evaluate(heldout, tuner.heads())
+        result.heldout_before, result.heldout_after = losses_by_head["base"], losses_by_head["tuned"]
     return result
 
 
