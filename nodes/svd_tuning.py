@@ -149,7 +149,7 @@ class CVVAETuneSVDOutputLayer(io.ComfyNode):
                              tooltip="Frames per training clip, 1+4k: 97 frames = 25 latent frames, SVD-XT's length."),
                 io.Int.Input("width", default=1024, min=64, max=4096, step=64, tooltip="Clip width (multiple of 64)."),
                 io.Int.Input("height", default=576, min=64, max=4096, step=64, tooltip="Clip height (multiple of 64)."),
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=True,
                              tooltip="Seeds clip choice and noise: the same seed gives the same losses."),
                 io.Float.Input("p_mean", default=0.7, min=-5.0, max=5.0, step=0.05,
                                tooltip="Training sigmas are log-normal: mean of ln(sigma) (SVD: 0.7)."),
