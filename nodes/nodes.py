@@ -17,6 +17,7 @@ from ..cvvae_core.model.frames import FrameAdjustment, FramedLatent, conform
 from ..cvvae_core.tiling import DECODE, ENCODE
 from . import runtime
 from .comfy_vae import get_cvvae, load_comfy_vae
+from .svd_tuning import SVD_NODES
 
 CATEGORY = "CV-VAE"
 MODEL_FOLDER = "cvvae"
@@ -342,4 +343,4 @@ def synthetic_clip(frames: int, height: int, width: int, seed: int = 0) -> torch
     return ((clip.movedim(0, -1) + 1.0) / 2.0).clamp(0.0, 1.0).float()
 
 
-NODES = [CVVAELoader, CVVAEVideoEncode, CVVAEVideoDecode, CVVAELatentAdapter, CVVAESyntheticVideo]
+NODES = [CVVAELoader, CVVAEVideoEncode, CVVAEVideoDecode, CVVAELatentAdapter, CVVAESyntheticVideo, *SVD_NODES]

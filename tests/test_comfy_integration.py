@@ -181,6 +181,46 @@ def test_svd_swap_workflow_runs_end_to_end(server, object_info):
     note(f"02_svd_img2vid_cvvae: {RESULTS['02_svd_img2vid_cvvae']}")
 
 
+def test_svd_tuning_workflows_run_end_to_end(server, object_info):
+    """07 tunes the output layer (2 steps, 64x64, 5 frames) and writes it to models/cvvae_svd_heads;
+    08 applies it and gives 97 frames through the adapter and Video Decode (64x64, 1 step)."""
+    ckpt = os.environ.get("COMFYUI_SVD_CKPT", "random_svd.safetensors")
+    options = object_info["ImageOnlyCheckpointLoader"]["input"]["required"]["ckpt_name"][0]
+    if ckpt not in options:
+        pytest.skip(f"no SVD checkpoint {ckpt!r} in models/checkpoints (shared/tools/make_random_svd.py writes one)")
+    overrides = {("ImageOnlyCheckpointLoader", "ckpt_name"): ckpt, **cvvae_overrides(object_info)}
+    tune = workflow_check.to_api(json.loads(WORKFLOWS["07_svd_tune_output_layer_cvvae"].read_text()), object_info,
+                                 {**overrides, ("CVVAETuneSVDOutputLayer", "resume"): False})
+    t0 = time.time()
+    entry = server.run_prompt(tune, timeout=1800)
+    took_tune = time.time() - t0
+    heads = sorted((server.base / "models" / "cvvae_svd_heads").glob("*.safetensors"))
+    assert [h.name for h in heads] == ["svd_cvvae_head.safetensors"], heads
+    from safetensors import safe_open
+    with safe_open(str(heads[0]), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items() if k not in ("format", "target")}
+        assert list(f.get_tensor("head.weight").shape) == [4, 320, 3, 3]
+    assert meta["steps_done"] == 2 and meta["frames"] == 5 and meta["heldout_before"] > 0 and meta["heldout_after"] > 0
+    assert saved(server, entry, "images", "cvvae/svd_head_loss"), entry["outputs"]
+    note(f"07: held-out loss {meta['heldout_before']:.4f} -> {meta['heldout_after']:.4f}, losses {meta['losses']}, "
+         f"{took_tune:.1f}s")
+
+    generate = workflow_check.to_api(json.loads(WORKFLOWS["08_svd_img2vid_tuned_layer_cvvae"].read_text()),
+                                     object_info, overrides)
+    t0 = time.time()
+    entry = server.run_prompt(generate, timeout=1800)
+    took = time.time() - t0
+    import av
+    counts = []
+    for f in server.output_files(entry):
+        with av.open(str(f)) as c:
+            s = c.streams.video[0]
+            counts.append((sum(1 for _ in c.decode(s)), s.codec_context.width, s.codec_context.height))
+    assert counts == [(97, 64, 64)], counts    # 25 latent frames -> 1 + 4 * 24
+    RESULTS["07/08 SVD tuning"] = f"tune {took_tune:.1f}s, generate {counts} {took:.1f}s"
+    note(f"08: {counts}, {took:.1f}s")
+
+
 def saved(server, entry, key, prefix) -> list[Path]:
     """The files an output node with ``prefix`` wrote under ``key`` ("images", "latents"), in order."""
     import re

@@ -78,7 +78,8 @@ def test_registers_through_v3_entrypoint_only():
     assert not hasattr(pack, "NODE_CLASS_MAPPINGS"), "NODE_CLASS_MAPPINGS would make ComfyUI ignore comfy_entrypoint"
     ext = asyncio.run(pack.comfy_entrypoint())
     ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
-    assert ids == ["CVVAELoader", "CVVAEVideoEncode", "CVVAEVideoDecode", "CVVAELatentAdapter", "CVVAESyntheticVideo"]
+    assert ids == ["CVVAELoader", "CVVAEVideoEncode", "CVVAEVideoDecode", "CVVAELatentAdapter", "CVVAESyntheticVideo",
+                   "CVVAETuneSVDOutputLayer", "CVVAEApplySVDOutputLayer"]
 
 
 def test_every_input_has_a_tooltip_and_nodes_share_one_menu(models):

@@ -18,7 +18,8 @@ from cvvae_pack.nodes import nodes  # noqa: E402
 WORKFLOW_DIR = ROOT / "example_workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 EXPECTED = {"01_cvvae_video_reconstruction_builtin", "02_svd_img2vid_cvvae", "03_sd15_txt2img_cvvae",
-            "04_sd3_txt2img_cvvae_sd3", "05_image_framewise_core_vae", "06_decode_saved_video_latent"}
+            "04_sd3_txt2img_cvvae_sd3", "05_image_framewise_core_vae", "06_decode_saved_video_latent",
+            "07_svd_tune_output_layer_cvvae", "08_svd_img2vid_tuned_layer_cvvae"}
 
 
 VERSIONS = workflow_check.snapshot_versions()

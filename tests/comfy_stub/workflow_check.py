@@ -24,6 +24,7 @@ MODEL_EXTS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 # Combos listing files on the user's machine: any file name of the right kind is valid.
 FILE_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"): MODEL_EXTS, ("ImageOnlyCheckpointLoader", "ckpt_name"): MODEL_EXTS,
                ("CVVAELoader", "model_name"): MODEL_EXTS + ("builtin (small demo model)",),
+               ("CVVAEApplySVDOutputLayer", "layer_name"): (".safetensors",),
                ("LoadImage", "image"): (".png", ".jpg", ".jpeg", ".webp"), ("LoadLatent", "latent"): (".latent",)}
 SNAPSHOT_PREFIX = "object_info_core_"
 

@@ -50,6 +50,7 @@ Image = _type("IMAGE")
 Latent = _type("LATENT")
 Vae = _type("VAE")
 Model = _type("MODEL")
+ClipVision = _type("CLIP_VISION")
 
 
 class Combo:
