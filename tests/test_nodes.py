@@ -19,7 +19,7 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
 from cvvae_pack import cvvae_core  # noqa: E402
-from cvvae_pack.cvvae_core.tiling import DECODE, ENCODE  # noqa: E402
+from cvvae_pack.cvvae_core.tiling import DECODE  # noqa: E402
 from cvvae_pack.nodes import comfy_vae, nodes  # noqa: E402
 
 TINY = cvvae_core.CVVAEConfig(variant="sd", latent_channels=4, base_channels=8, channel_mult=(1, 2, 2, 2),

@@ -83,7 +83,7 @@ def train_interrupted(args) -> str:
         return "nothing was kept; run the same command again"
     state = Path(args.out) / STATE_FILE
     if not state.is_file():
-        return f"nothing was kept (stopped before the first step ended); run the same command again"
+        return "nothing was kept (stopped before the first step ended); run the same command again"
     # mmap: only the step number is read, not the weights and optimizer state
     step = torch.load(state, map_location="cpu", weights_only=True, mmap=True)["step"]
     again = "the same command without --restart" if args.restart else "the same command again"

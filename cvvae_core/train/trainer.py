@@ -7,7 +7,6 @@ copy, and saves and resumes them. The loop around it is :mod:`cvvae_core.train.r
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import signal
