@@ -82,6 +82,11 @@ def notify(text: str):
     """One log line and the same text on the executing node in the browser (ComfyUI's progress text;
     only the log where this ComfyUI or this call has no executing node)."""
     log.warning(text)
+    show_progress_text(text)
+
+
+def show_progress_text(text: str):
+    """``text`` under the executing node in the browser (ComfyUI's progress text), where available."""
     try:
         from comfy_execution.utils import get_executing_context
         from server import PromptServer

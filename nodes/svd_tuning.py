@@ -52,19 +52,6 @@ def head_path(name: str) -> str:
     return os.path.join(folder_paths.get_folder_paths(HEAD_FOLDER)[0], base)
 
 
-def show_progress_text(text: str):
-    """The running loss under the node in the browser (ComfyUI's progress text), where available."""
-    try:
-        from comfy_execution.utils import get_executing_context
-        from server import PromptServer
-
-        context, server = get_executing_context(), getattr(PromptServer, "instance", None)
-        if context is not None and server is not None:
-            server.send_progress_text(text, context.node_id)
-    except (ImportError, AttributeError):
-        pass
-
-
 class ComfyEncoders:
     """Turns clips into :class:`svd_head.Example`s with the graph's own CLIP vision model and CV-VAE,
     the way SVD_img2vid_Conditioning conditions at inference."""
@@ -234,7 +221,7 @@ class CVVAETuneSVDOutputLayer(io.ComfyNode):
 
         def progress(step, total, running):
             pbar.update_absolute(step, total)
-            show_progress_text(f"step {step}/{total}  loss {running:.4f}")
+            runtime.show_progress_text(f"step {step}/{total}  loss {running:.4f}")
 
         result = svd_head.tune(tuner, batches, heldout, start, losses, progress, mm.processing_interrupted)
         meta = svd_head.file_meta(base, cfg, result, frames, height, width, source.describe)
