@@ -529,7 +529,7 @@ def run_program(prog: Program, x: torch.Tensor, output, *, device: torch.device,
     step, and the stores (zero elsewhere) and statistics are summed across ranks after each step."""
     pool = StorePool(device, dtype, memory_format, ledger)
     read = _Reader(prog.shapes, device, dtype, link)
-    read.stores[0] = x if x.device == device else HostStore(x, (0, 1, 2, 3, 4), HOST, x.is_pinned())
+    read.stores[0] = x if x.device == device else HostStore(x, (0, 1, 2, 3, 4), HOST)
     recompute = placement.recompute
     last = len(prog.steps) - 1
     for i, step in enumerate(prog.steps):

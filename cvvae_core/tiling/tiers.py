@@ -248,7 +248,7 @@ class Arena:
         b, c, t, h, w = shape
         n = b * c * t * h * w * dtype.itemsize
         mem = self.memory[offset:offset + n].view(dtype).view(b, t, h, c, w)
-        return HostStore(mem, STORE_ORDER, self.tier, self.pinned)
+        return HostStore(mem, STORE_ORDER, self.tier)
 
     def close(self):
         self.ledger.remove(self.tier, self.memory.nbytes)
@@ -270,7 +270,6 @@ class HostStore:
     mem: torch.Tensor
     order: tuple[int, ...]
     tier: str
-    pinned: bool
     last_write: object = None
 
     @property
@@ -447,7 +446,7 @@ def output_store(shape, output_device, compute: torch.device, ledger: Ledger):
     t = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
     ledger.add(HOST, pinned_size(t.nbytes) if pin else t.nbytes)
     ledger.pinned += pinned_size(t.nbytes) if pin else 0
-    return HostStore(t, (0, 1, 2, 3, 4), HOST, pin)
+    return HostStore(t, (0, 1, 2, 3, 4), HOST)
 
 
 def output_bytes(shape, output_device, compute: torch.device) -> int:
