@@ -199,14 +199,14 @@ def test_cancel_keeps_the_last_state_and_resume_continues(vae, clip_vision, imag
     def cancel_after_two(text):
         if text.startswith("step 2/"):
             mm.interrupt_processing = True
-    monkeypatch.setattr(svd_tuning, "show_progress_text", cancel_after_two)
+    monkeypatch.setattr(svd_tuning.runtime, "show_progress_text", cancel_after_two)
     with pytest.raises(mm.InterruptProcessingException):
         tune(model, clip_vision, vae, images, "cancelled", steps=4)
     assert not mm.interrupt_processing
     part = svd_head.load_head(folder_paths.get_full_path(svd_tuning.HEAD_FOLDER, "cancelled.safetensors"))
     assert part.meta["steps_done"] == 2 and part.meta["losses"] == whole.meta["losses"][:2]
 
-    monkeypatch.setattr(svd_tuning, "show_progress_text", lambda text: None)
+    monkeypatch.setattr(svd_tuning.runtime, "show_progress_text", lambda text: None)
     tune(model, clip_vision, vae, images, "cancelled", steps=4, resume=True)
     done = svd_head.load_head(folder_paths.get_full_path(svd_tuning.HEAD_FOLDER, "cancelled.safetensors"))
     assert done.meta["steps_done"] == 4
