@@ -235,11 +235,16 @@ Trainer.step = step_then_pause
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_on_train_keeps_the_last_finished_step_and_the_rerun_resumes(tmp_path, monkeypatch, capsys, signum):
+@pytest.mark.parametrize("signum, video_workers", [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGTERM, 2)])
+def test_a_signal_on_train_keeps_the_last_finished_step_and_the_rerun_resumes(tmp_path, monkeypatch, capsys, signum,
+                                                                              video_workers, request):
+    # With video data, DataLoader workers in the signalled process group get the signal too.
+    data = ({"videos": str(request.getfixturevalue("videos")), "workers": video_workers} if video_workers
+            else {"synthetic": True})
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model": "image_vae", "steps": 5, "save_every": 100, "log_every": 1, "frames": 1,
                                   "height": 16, "width": 16, "tensorboard": False, "loss": {"perceptual": "none"},
+                                  "data": data,
                                   "image_vae_config": {"base_channels": 8, "channel_mult": [1, 2],
                                                        "blocks_per_level": 1, "norm_groups": 4}}))
     argv = ["train", str(config), "--out", "run", "--device", "cpu"]

@@ -43,6 +43,7 @@ from ..errors import InputError, TrainConfigError, TrainingDataError, VideoFileE
 from ..io.video import Crop, probe_video, read_frames, to_model_range
 from .manifest import Source, list_sources
 from .synthetic import SyntheticConfig, generate_clip
+from .workers import leave_sigterm_to_main_process
 
 #: Draws of one sample before the data source is declared broken (each failure is logged).
 MAX_ATTEMPTS = 16
@@ -243,7 +244,8 @@ class TrainData:
         sampler = StepBatches(first_step, steps, batch_size, rank, world, accum)
         return torch.utils.data.DataLoader(self.train, batch_sampler=sampler, num_workers=self.workers,
                                            collate_fn=collate, persistent_workers=False,
-                                           prefetch_factor=2 if self.workers else None)
+                                           prefetch_factor=2 if self.workers else None,
+                                           worker_init_fn=leave_sigterm_to_main_process)
 
 
 def split_val(sources: list[Source], val_split: float, seed: int) -> tuple[list[Source], list[Source]]:

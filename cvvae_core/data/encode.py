@@ -45,6 +45,7 @@ from ..spec import CVVAEConfig
 from ..tiling.runner import TilingOptions
 from .latent_dataset import shard_problem
 from .manifest import Source, list_sources
+from .workers import leave_sigterm_to_main_process
 
 OUTPUT_MODES = ("mean", "sample", "mean+logvar")
 #: Set to N to make the run fail after encoding N clips (before they are all durable): resume tests.
@@ -506,7 +507,8 @@ def encode_dataset(opts: EncodeOptions, progress_stream=None) -> RunSummary:
                                 fault_after)
         loader = torch.utils.data.DataLoader(VideoWindows(todo, opts, done), batch_size=None, shuffle=False,
                                              num_workers=opts.num_workers, collate_fn=_one_video,
-                                             prefetch_factor=2 if opts.num_workers else None)
+                                             prefetch_factor=2 if opts.num_workers else None,
+                                             worker_init_fn=leave_sigterm_to_main_process)
         bar = TextProgress(f"rank {ranks.rank}" if ranks.world > 1 else "encode", stream=progress_stream)
         start = time.monotonic()
 
