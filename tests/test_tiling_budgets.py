@@ -244,6 +244,37 @@ def test_lazy_copies_catch_a_broken_schedule(model, tmp_path, monkeypatch, fault
 
 
 # ---------------------------------------------------------------------------------------------
+# Outputs written over their residual store
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tier", ["device", "host", "disk"])
+def test_an_output_written_over_its_residual_is_exact_in_every_tier(model, tmp_path, monkeypatch, tier):
+    monkeypatch.setattr(tiling, "Streams", LazyStreams)  # the write over a piece is ordered after its read
+    z = latent(model, 5)
+    prog = executor.Program(model.decoder.layers(), z.shape)
+    stores = frozenset(s.name for s in prog.steps[:-1])
+    plan = planner.Plan(tile=16, chunk=3, **({} if tier == "device" else {tier: stores}))
+    sched = planner.schedule(prog, plan, 4)
+    assert sched.overwrites  # the ResNet blocks whose channels stay the same
+    for out, residual in sched.overwrites.items():
+        assert prog.shapes[out] == prog.shapes[residual]
+        if tier != "device":
+            assert sched.offsets[out] == sched.offsets[residual]  # the same bytes of the arena
+    with torch.no_grad():
+        out = tiling._seamless(model, z, tiling.TilingOptions(disk_dir=tmp_path), planner.DECODE, plan, None)
+    torch.testing.assert_close(out, model.decoder_output(z), atol=EXACT, rtol=0)
+
+
+def test_no_output_is_written_over_a_residual_still_read_through_a_recomputed_input(model):
+    """A recomputed first convolution reads the block input with a halo while the second writes."""
+    x = video(1, 5, 16, 16, seed=1)
+    prog = executor.Program(model.encoder.layers(), x.shape)
+    conv2 = [s for s in prog.steps if s.name.endswith(".conv2") and s.shortcut is None]
+    assert all(s.out in prog.overwrites() for s in conv2)
+    conv1 = frozenset(s.name.replace(".conv2", ".conv1") for s in conv2)
+    assert not any(s.out in prog.overwrites(conv1) for s in conv2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Out of memory: the failed attempt's memory is free before the retry
 # ---------------------------------------------------------------------------------------------
 def test_the_failed_attempt_is_freed_before_the_retry(model, monkeypatch):

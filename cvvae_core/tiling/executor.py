@@ -21,7 +21,9 @@ Each store lives in a tier, the compute device, host memory or disk (:mod:`.tier
 dtype, or is not stored at all: the output of any convolution or upsampler can be *recomputed* by
 the steps that read it, from the regions of its own inputs they need (recursively, when those are
 recomputed too), which keeps those inputs alive until its last reader (:meth:`Program.frees`; the
-plan decides: :mod:`.planner`). The working memory beyond the stores is bounded by the piece size.
+plan decides: :mod:`.planner`). A residual add writes its output over the residual's store when
+that store is read for the last time there (:meth:`Program.overwrites`), so a ResNet block holds two
+stores of its size, not three. The working memory beyond the stores is bounded by the piece size.
 Adding a layer type means one handler here (``_BUILDERS``); a layer without one is refused when the
 program is built, never run wrongly.
 """
@@ -338,6 +340,28 @@ class Program:
             frees[i].append(slot)
         return frees
 
+    def overwrites(self, recompute: frozenset[str] = frozenset()) -> dict[int, int]:
+        """``{out: residual}`` for steps whose output may be written over their residual store, piece
+        by piece in place (the pointwise add reads each residual piece only for the output piece at
+        the same place): the residual is a store of the same shape, not the input, and read for the
+        last time by this step, which does not also read it through a recomputed input (a halo there
+        would read pieces already overwritten). Whether both live in the same tier is the plan's."""
+        recomputed = {s.out: s for s in self.steps if s.name in recompute}
+
+        def through(slot: int) -> set[int]:
+            producer = recomputed.get(slot)
+            inner = [] if producer is None else [x for x in (producer.src, producer.residual) if x is not None]
+            return {slot}.union(*(through(x) for x in inner))
+
+        last_reader = {slot: i for i, slots in enumerate(self.frees(recompute)) for slot in slots}
+        found = {}
+        for i, s in enumerate(self.steps[:-1]):
+            r = s.residual
+            if (r is not None and r != 0 and r not in recomputed and s.name not in recompute
+                    and self.shapes[r] == self.shapes[s.out] and last_reader[r] == i and r not in through(s.src)):
+                found[s.out] = r
+        return found
+
     def free_to_recompute(self, step: Step) -> bool:
         """Whether recomputing ``step`` keeps no input alive longer: its one reader reads the step's
         own input too (a ResNet block's first convolution, whose input the residual keeps)."""
@@ -498,11 +522,13 @@ class _Reader:
 class Placement:
     """Where a program's stores live: ``tiers`` maps a step's name to ``device``, ``host``, ``disk``
     or ``recompute``; ``offsets`` gives each host or disk store its byte offset in its tier's arena
-    (:class:`~cvvae_core.tiling.tiers.Arena`); ``frees`` the slots each step reads last."""
+    (:class:`~cvvae_core.tiling.tiers.Arena`); ``frees`` the slots each step reads last;
+    ``overwrites`` the outputs written over their residual store (:meth:`Program.overwrites`)."""
 
     tiers: dict[str, str]
     offsets: dict[int, int]
     frees: list[list[int]]
+    overwrites: dict[int, int]
 
     @property
     def recompute(self) -> frozenset[str]:
@@ -535,8 +561,11 @@ def run_program(prog: Program, x: torch.Tensor, output, *, device: torch.device,
     for i, step in enumerate(prog.steps):
         shape = prog.shapes[step.out]
         tier = "output" if i == last else placement.tiers.get(step.name, DEVICE)
+        overwritten = placement.overwrites.get(step.out)
         if tier == "output":
             dest = output
+        elif overwritten is not None:
+            dest = read.stores[overwritten]
         elif tier == DEVICE:
             dest = pool.take(shape)
         elif tier in (HOST, DISK):
@@ -544,7 +573,7 @@ def run_program(prog: Program, x: torch.Tensor, output, *, device: torch.device,
         else:
             dest = None
         ledger.piece(work[i])
-        if group is not None and dest is not None:
+        if group is not None and dest is not None and overwritten is None:
             (dest.mem if isinstance(dest, HostStore) else dest).zero_()
         norm = prog.norm_of.get(step.out)
         moments = GroupMoments(norm.num_groups) if norm is not None else None
@@ -562,6 +591,8 @@ def run_program(prog: Program, x: torch.Tensor, output, *, device: torch.device,
                         fresh = False
                     elif dest is not None:
                         dest[_slices(box)].copy_(y)
+                elif overwritten is not None:  # another rank's piece: zero here, as in a fresh store
+                    (dest.view if isinstance(dest, HostStore) else dest)[_slices(box)].zero_()
                 done(step, box)
 
         if prog.runs(step, recompute):
@@ -586,7 +617,7 @@ def run_program(prog: Program, x: torch.Tensor, output, *, device: torch.device,
         for slot in placement.frees[i]:
             if slot != 0:
                 store = read.drop(slot)
-                if isinstance(store, torch.Tensor):
+                if isinstance(store, torch.Tensor) and slot != overwritten:
                     pool.give(store)
     link.finish()
     pool.release()

@@ -341,34 +341,52 @@ def arena_layout(intervals: list[tuple[int, int, int, int]]) -> tuple[dict[int, 
 
 @dataclass(frozen=True)
 class Schedule:
-    """A plan laid onto a program: each step's tier, when each store is last read, the device tier's
-    bytes while each step runs, and the host and disk arenas' offsets and sizes."""
+    """A plan laid onto a program: each step's tier, when each store is last read, which outputs are
+    written over their residual, the device tier's bytes while each step runs, and the host and disk
+    arenas' offsets and sizes."""
 
     tiers: dict[str, str]
     frees: list[list[int]]
+    overwrites: dict[int, int]
     device_held: list[int]
     host_held: list[int]
     offsets: dict[int, int]
     arena_bytes: dict[str, int]
 
     def placement(self) -> ex.Placement:
-        return ex.Placement(self.tiers, self.offsets, self.frees)
+        return ex.Placement(self.tiers, self.offsets, self.frees, self.overwrites)
 
 
 def schedule(prog: ex.Program, plan: Plan, elem: int) -> Schedule:
     """Mirrors the executor: a device store is taken from the pool when its step starts (a freed
     store of the same shape is reused, else the pool's freed stores are released and a new one
-    allocated) and returns to it after its last reader; host and disk stores sit at fixed offsets."""
+    allocated) and returns to it after its last reader; host and disk stores sit at fixed offsets. An
+    output written over its residual (same tier) takes that store's memory: its place in the pool,
+    or its offset, the arena interval running on to the output's last reader."""
     frees = prog.frees(plan.recompute)
     last_read = {slot: i for i, slots in enumerate(frees) for slot in slots}
     tiers = {s.name: plan.tier(s.name) for s in prog.steps[:-1]}
+    tier_of = {s.out: tiers[s.name] for s in prog.steps[:-1]}
+    overwrites = {out: r for out, r in prog.overwrites(plan.recompute).items()
+                  if tier_of[out] == tier_of[r] and tier_of[out] in (DEVICE, HOST, DISK)}
+    owner = {}  # slot -> the store whose memory it lives in
     live, freed, device_held, host_held, in_host = {}, [], [], [], {}
-    intervals = {HOST: [], DISK: []}
+    intervals = {HOST: {}, DISK: {}}
     last = len(prog.steps) - 1
     for i, step in enumerate(prog.steps):
         tier = tiers.get(step.name)
         shape = prog.shapes[step.out]
-        if i < last and tier == DEVICE:
+        if step.out in overwrites:
+            r = overwrites[step.out]
+            owner[step.out] = owner.get(r, r)
+            if tier == DEVICE:
+                live[step.out] = live.pop(r)
+            else:
+                root = intervals[tier][owner[step.out]]
+                root[2] = last_read.get(step.out, i)
+                if tier == HOST:
+                    in_host[step.out] = in_host.pop(r)
+        elif i < last and tier == DEVICE:
             same = [k for k, s in enumerate(freed) if s == shape]
             if same:
                 freed.pop(same[0])
@@ -376,7 +394,7 @@ def schedule(prog: ex.Program, plan: Plan, elem: int) -> Schedule:
                 freed.clear()
             live[step.out] = shape
         elif i < last and tier in (HOST, DISK):
-            intervals[tier].append((step.out, i, last_read.get(step.out, i), elem * math.prod(shape)))
+            intervals[tier][step.out] = [step.out, i, last_read.get(step.out, i), elem * math.prod(shape)]
             if tier == HOST:
                 in_host[step.out] = elem * math.prod(shape)
         device_held.append(elem * (sum(math.prod(s) for s in live.values()) + sum(math.prod(s) for s in freed)))
@@ -387,9 +405,10 @@ def schedule(prog: ex.Program, plan: Plan, elem: int) -> Schedule:
             in_host.pop(slot, None)
     offsets, arena_bytes = {}, {}
     for tier, spans in intervals.items():
-        tier_offsets, arena_bytes[tier] = arena_layout(spans)
+        tier_offsets, arena_bytes[tier] = arena_layout([tuple(v) for v in spans.values()])
         offsets.update(tier_offsets)
-    return Schedule(tiers, frees, device_held, host_held, offsets, arena_bytes)
+    offsets.update({slot: offsets[root] for slot, root in owner.items() if root in offsets})
+    return Schedule(tiers, frees, overwrites, device_held, host_held, offsets, arena_bytes)
 
 
 def block_bytes(prog: ex.Program, sizes, plan: Plan, elem: int) -> int:

@@ -194,6 +194,7 @@ class _Search:
         for i, step in enumerate(self.prog.steps[:-1]):
             if sched.tiers.get(step.name) in held_tiers:
                 live[step.out] = step
+                live.pop(sched.overwrites.get(step.out), None)  # its memory is the output's now
             nbytes = sum(math.prod(self.prog.shapes[slot]) for slot in live)
             if nbytes > best_bytes:
                 best, best_bytes = list(live.values()), nbytes
