@@ -60,20 +60,20 @@ class GroupMoments:
         self.m2: torch.Tensor | None = None
 
     def add(self, y: torch.Tensor):
-        # Per channel first (a reduction over T, H, W works on any memory layout without a copy),
-        # then channels into groups: equal counts, so Chan's merge is a mean and a spread term.
-        b, c = y.shape[:2]
+        # Per channel first, then channels into groups (equal counts, so Chan's merge is a mean and a
+        # spread term). Per channel: the mean from a float32 sum, then the squared deviations from it
+        # summed slab by slab (frames, or rows of a one-frame piece; a float32 temporary of one slab):
+        # as exact as a Welford pass (``var_mean``) and several times faster on channels-last pieces.
+        b = y.shape[0]
         n = math.prod(y.shape[2:])
-        if y.dtype in (torch.float16, torch.bfloat16):
-            # float32 accumulation without a float32 copy of the piece
-            s = y.sum((2, 3, 4), dtype=torch.float32).double()
-            sq = torch.linalg.vector_norm(y, 2, dim=(2, 3, 4), dtype=torch.float32).double().square()
-            mean = s / n
-            m2 = (sq - s * mean).clamp_min(0)
-        else:
-            var, mean = torch.var_mean(y, dim=(2, 3, 4), unbiased=False)
-            mean, m2 = mean.double(), var.double() * n
-        mean, m2 = mean.view(b, self.groups, -1), m2.view(b, self.groups, -1)
+        dims = (2, 3, 4)
+        mean = y.sum(dims, dtype=torch.float32) / n
+        centre = mean[..., None, None, None]
+        m2 = torch.zeros(mean.shape, dtype=torch.float64, device=y.device)
+        axis = 2 if y.shape[2] > 1 else 3
+        for slab in y.split(1, axis):
+            m2 += torch.sub(slab, centre).square_().sum(dims).double()
+        mean, m2 = mean.double().view(b, self.groups, -1), m2.view(b, self.groups, -1)
         group_mean = mean.mean(2)
         spread = (mean - group_mean.unsqueeze(2)).square().sum(2) * n
         self.merge(n * mean.shape[2], group_mean, m2.sum(2) + spread)
