@@ -41,7 +41,7 @@ RECOMPUTE = "recompute"
 
 #: Working memory of one piece on CPU: convolutions on small tiles and short chunks lose most of
 #: their efficiency there (measurements: docs/engine.md, "Piece size on CPU").
-CPU_PIECE_BYTES = 512 << 20
+CPU_PIECE_BYTES = 384 << 20
 #: Largest piece working memory a budgeted CUDA plan takes: beyond it pieces gain little and take
 #: room from the device tier.
 CUDA_PIECE_BYTES = 4 << 30
