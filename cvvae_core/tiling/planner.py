@@ -238,18 +238,20 @@ def piece_work(prog: ex.Program, step: ex.Step, piece, plan: Plan, elem: int, de
 
 
 def _recompute_work(prog: ex.Program, reader: ex.Step, piece, plan: Plan, elem: int, device: torch.device) -> int:
-    """What recomputing the inputs of one ``reader`` piece of size ``piece`` holds (an upper bound:
-    every level of every chain at once)."""
-    total = 0
+    """What recomputing the inputs of one ``reader`` piece of size ``piece`` holds at most, beyond
+    the reader's own piece. A reader recomputes its input region first, then its residual piece:
+    one chain at a time, and every level of a chain at once (a level holds its own piece while the
+    levels below compute its inputs)."""
+    chains = [0]
     for slot, region in ((reader.src, _region(reader, piece)), (reader.residual, piece)):
         producer = prog.producer(slot) if slot is not None else None
         if producer is None or producer.name not in plan.recompute:
             continue
         region = tuple(min(n, r) for n, r in zip(prog.shapes[slot][2:], region))
-        total += ex.work_bytes(producer, prog.shapes[producer.src], prog.shapes[producer.out], region, elem)
-        total += conv_workspace(producer, prog.shapes[producer.src], region, elem, device)
-        total += _recompute_work(prog, producer, region, plan, elem, device)
-    return total
+        chains.append(ex.work_bytes(producer, prog.shapes[producer.src], prog.shapes[producer.out], region, elem)
+                      + conv_workspace(producer, prog.shapes[producer.src], region, elem, device)
+                      + _recompute_work(prog, producer, region, plan, elem, device))
+    return max(chains)
 
 
 def conv_workspace(step: ex.Step, src, piece, elem: int, device: torch.device) -> int:
