@@ -128,7 +128,6 @@ def test_core_snapshot_still_matches(object_info, comfy_version):
 
 @pytest.mark.parametrize("name", NO_DOWNLOAD)
 def test_no_download_workflow_runs(server, object_info, name):
-    import av  # noqa: F401  (pack venv has PyAV; checks the saved video)
     prompt = workflow_check.to_api(json.loads(WORKFLOWS[name].read_text()), object_info, cvvae_overrides(object_info))
     t0 = time.time()
     entry = server.run_prompt(prompt, timeout=600)
@@ -230,7 +229,7 @@ def saved(server, entry, key, prefix) -> list[Path]:
                   if f.get("subfolder") == subfolder and re.fullmatch(re.escape(name) + r"_\d+_\.\w+", f["filename"]))
 
 
-def png_frames(paths) -> "numpy.ndarray":
+def png_frames(paths):
     import av
     import numpy as np
     frames = []

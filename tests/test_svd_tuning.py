@@ -31,12 +31,7 @@ def svd_patcher(seed=0):
     return comfy.model_patcher.ModelPatcher(SVD_img2vid().eval(), "cpu", "cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

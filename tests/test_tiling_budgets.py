@@ -105,6 +105,21 @@ def test_a_chain_of_recomputed_outputs_is_exact(model):
     torch.testing.assert_close(out, model.decoder_output(z), atol=EXACT, rtol=0)
 
 
+def test_the_search_remembers_piece_sizes_only_by_what_they_depend_on(model):
+    z = latent(model, 5)
+    prog = executor.Program(model.decoder.layers(), z.shape)
+    names = [s.name for s in prog.steps[:-1] if s.recomputable]
+    memo, video, cpu = {}, planner.DECODE.video_size(model, z.shape), torch.device("cpu")
+    plans = [planner.Plan(piece_bytes=pieces, recompute=frozenset(names[k::3]), host=frozenset(names[k + 1::3]))
+             for k in range(len(names)) for pieces in (2_000_000, 500_000)]
+    # chains of different depth ending at the same reader: its pieces shrink as the chain grows
+    plans += [planner.Plan(piece_bytes=300_000, recompute=frozenset(names[j:8])) for j in range(8)]
+    for plan in plans:
+        assert (planner.piece_sizes(prog, plan, video, 4, cpu, memo)
+                == planner.piece_sizes(prog, plan, video, 4, cpu)), plan
+    assert len(memo) < len(plans) * len(prog.steps)  # and it is used
+
+
 def test_the_plan_says_where_each_output_is_and_what_it_costs(model):
     z = latent(model)
     for budget in (4_000_000, 3_000_000):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
 
 from cvvae_core.io.image_vae_file import save_image_vae
 from cvvae_core.model.image_vae import ImageVAE, ImageVAEConfig

@@ -309,9 +309,33 @@ def piece_shape(prog: ex.Program, step: ex.Step, plan: Plan, video: tuple[int, i
     return tuple(piece)
 
 
-def piece_sizes(prog: ex.Program, plan: Plan, video, elem: int, device: torch.device) -> list[tuple[int, int, int]]:
-    """The piece size of every step of ``prog``, in step order."""
-    return [piece_shape(prog, s, plan, video, elem, device) for s in prog.steps]
+def piece_sizes(prog: ex.Program, plan: Plan, video, elem: int, device: torch.device,
+                memo: dict | None = None) -> list[tuple[int, int, int]]:
+    """The piece size of every step of ``prog``, in step order. ``memo``: a dict kept across calls
+    for one program, video, dtype and device (the planner's search), keyed by what a step's piece
+    size depends on."""
+    if memo is None:
+        return [piece_shape(prog, s, plan, video, elem, device) for s in prog.steps]
+    sizes = []
+    for s in prog.steps:
+        key = _piece_key(prog, s, plan)
+        if key not in memo:
+            memo[key] = piece_shape(prog, s, plan, video, elem, device)
+        sizes.append(memo[key])
+    return sizes
+
+
+def _piece_key(prog: ex.Program, step: ex.Step, plan: Plan) -> tuple:
+    """What the piece size of ``step`` depends on: the plan's sizes, the step's tier and, for each
+    input, its tier or, when recomputed, the same of its producer (down the chain)."""
+    def source(slot):
+        producer = prog.producer(slot) if slot is not None else None
+        if producer is None or producer.name not in plan.recompute:
+            return None if producer is None else plan.tier(producer.name)
+        return producer.name, source(producer.src), source(producer.residual)
+
+    return (step.name, plan.tile, plan.chunk, plan.piece_bytes, plan.tier(step.name), source(step.src),
+            source(step.residual))
 
 
 def step_work(prog: ex.Program, sizes, plan: Plan, elem: int, device: torch.device) -> list[int]:
@@ -511,10 +535,11 @@ def estimate_memory(model, direction: Direction, shape, plan: Plan, output_devic
 
 
 def estimate_program(prog: ex.Program, plan: Plan, video, elem: int, device: torch.device, output_device,
-                     sizes=None, work=None, sched: Schedule | None = None, input_device="cpu") -> MemoryEstimate:
+                     sizes=None, work=None, sched: Schedule | None = None, input_device="cpu",
+                     memo: dict | None = None) -> MemoryEstimate:
     """:func:`estimate_memory` of a built program (``sizes``/``work``/``sched``: its pieces and
-    schedule, when known)."""
-    sizes = sizes or piece_sizes(prog, plan, video, elem, device)
+    schedule, when known; ``memo``: see :func:`piece_sizes`)."""
+    sizes = sizes or piece_sizes(prog, plan, video, elem, device, memo)
     work = work or step_work(prog, sizes, plan, elem, device)
     sched = sched or schedule(prog, plan, elem)
     peak = max(range(len(prog.steps)), key=lambda i: sched.device_held[i] + work[i])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -67,10 +67,15 @@ class _Search:
     host_budget: int
     disk_budget: int | None  # None: no disk tier
     recompute: bool | None
+    estimates: dict = field(default_factory=dict, repr=False)
+    pieces: dict = field(default_factory=dict, repr=False)  # piece sizes by what they depend on
 
     def estimate(self, plan: Plan) -> MemoryEstimate:
-        return estimate_program(self.prog, plan, self.video, self.elem, self.device, self.output_device,
-                                input_device=self.input_device)
+        if plan not in self.estimates:  # the search meets the same plans again from other sides
+            self.estimates[plan] = estimate_program(self.prog, plan, self.video, self.elem, self.device,
+                                                    self.output_device, input_device=self.input_device,
+                                                    memo=self.pieces)
+        return self.estimates[plan]
 
     def excess(self, plan: Plan) -> int:
         """Host bytes over the budget, summed over the steps (the search's progress measure: a move
@@ -95,7 +100,7 @@ class _Search:
         movable = [s for s in self.stores(plan) if s.name not in plan.disk]
         host = {s.name for s in movable}
         plan = replace(plan, host=frozenset(host))
-        sizes = piece_sizes(self.prog, plan, self.video, self.elem, self.device)
+        sizes = piece_sizes(self.prog, plan, self.video, self.elem, self.device, self.pieces)
         for step in sorted(movable, key=lambda s: math.prod(self.prog.shapes[s.out])):
             trial = replace(plan, host=frozenset(host - {step.name}))
             est = estimate_program(self.prog, trial, self.video, self.elem, self.device, self.output_device, sizes,
@@ -144,19 +149,43 @@ class _Search:
         return (done or closest)[0]
 
     def speed_up(self, plan: Plan) -> Plan:
-        """While some move of the same kinds lowers the estimated time and still fits every budget
-        (recomputing can be cheaper than a slow host link), take the best."""
+        """While some change lowers the estimated time and still fits every budget, take the best: a
+        move of the same kinds (recomputing can be cheaper than a slow host link, storing cheaper than
+        recomputing) or of a store between the device and host memory; when no single change helps,
+        a faster change that breaks a budget (the :data:`BEAM` fastest) followed by one that mends it
+        (a store to the device in exchange for another to host memory)."""
         est = self.estimate(plan)
         while True:
-            best = None
-            for trial in self.moves(plan, everywhere=True):
+            best, over = None, []
+            for trial in self.changes(plan):
                 t_est = self.estimate(trial)
-                if self.fits(t_est) and t_est.relative_cost < (best[1].relative_cost if best else
-                                                                 est.relative_cost) - 0.01:
+                if t_est.relative_cost >= est.relative_cost - 0.01:
+                    continue
+                if not self.fits(t_est):
+                    over.append((t_est.relative_cost, len(over), trial))
+                elif best is None or t_est.relative_cost < best[1].relative_cost:
                     best = (trial, t_est)
+            for _, _, first in sorted(over)[:BEAM] if best is None else ():
+                for trial in self.changes(first):
+                    t_est = self.estimate(trial)
+                    if self.fits(t_est) and t_est.relative_cost < (best[1] if best else est).relative_cost - 0.01:
+                        best = (trial, t_est)
             if best is None:
                 return plan
             plan, est = best
+
+    def changes(self, plan: Plan):
+        """The plans :meth:`speed_up` considers: :meth:`moves` of any host store, and (with a device
+        budget) any store between the device and host memory."""
+        yield from self.moves(plan, everywhere=True)
+        if self.device_budget is None:
+            return
+        for step in self.stores(plan):
+            tier = plan.tier(step.name)
+            if tier == HOST:
+                yield replace(plan, host=plan.host - {step.name})
+            elif tier == DEVICE:
+                yield replace(plan, host=plan.host | {step.name})
 
     def _fits_device_and_disk(self, est: MemoryEstimate) -> bool:
         return ((self.device_budget is None or est.total <= self.device_budget)
