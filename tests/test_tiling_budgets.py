@@ -18,7 +18,7 @@ import torch
 
 import cvvae_core
 from cvvae_core.errors import MemoryBudgetError
-from cvvae_core.tiling import executor, planner, runner as tiling, tiers
+from cvvae_core.tiling import executor, planner, runner as tiling, search, tiers
 from conftest import randomize_, tiny_config, video
 
 EXACT = 2e-5
@@ -118,6 +118,38 @@ def test_the_search_remembers_piece_sizes_only_by_what_they_depend_on(model):
         assert (planner.piece_sizes(prog, plan, video, 4, cpu, memo)
                 == planner.piece_sizes(prog, plan, video, 4, cpu)), plan
     assert len(memo) < len(plans) * len(prog.steps)  # and it is used
+
+
+def test_a_plan_of_hopeless_work_is_refused_unless_its_pieces_were_given(model, monkeypatch):
+    z = latent(model, 5)
+    opts = dict(memory_budget=3_000_000, recompute=True)
+    plan = tiling.plan_for(model, planner.DECODE, z.shape, tiling.TilingOptions(**opts))
+    work = tiling.estimate_memory(model, planner.DECODE, z.shape, plan).relative_work
+    assert work > 1.0  # it recomputes
+    monkeypatch.setattr(search, "MAX_RELATIVE_WORK", 0.99 * work)
+    no_work(monkeypatch)
+    with pytest.raises(MemoryBudgetError, match="useful time.*official"):
+        tiling.decode_latent(model, z, tiling.TilingOptions(**opts))
+    assert tiling.plan_for(model, planner.DECODE, z.shape, tiling.TilingOptions(tile_size=16, chunk_frames=3, **opts))
+
+
+def test_a_search_that_finds_nothing_starts_again_from_a_smaller_device_budget(model, monkeypatch):
+    z = latent(model, 5)
+    full = DEVICE_BUDGET
+    real = search._Search.relieve_host
+
+    def stuck_at_the_full_budget(self, plan):  # a greedy search that misses at this budget
+        return plan if self.device_budget == full else real(self, plan)
+    monkeypatch.setattr(search._Search, "relieve_host", stuck_at_the_full_budget)
+    opts = tiling.TilingOptions(memory_budget=full, recompute=False)
+    stored = tiling.estimate_memory(model, planner.DECODE, z.shape,
+                                    tiling.plan_for(model, planner.DECODE, z.shape, opts)).host
+    out, report = run(model, z, memory_budget=full, host_memory_budget=int(0.8 * stored))
+    assert report.estimate.total <= 0.75 * full and report.estimate.host <= 0.8 * stored
+    torch.testing.assert_close(out, model.decoder_output(z), atol=EXACT, rtol=0)
+    monkeypatch.setattr(search, "NARROWER_DEVICE_BUDGETS", (1.0,))
+    with pytest.raises(MemoryBudgetError):
+        run(model, z, memory_budget=full, host_memory_budget=int(0.8 * stored))
 
 
 def test_the_plan_says_where_each_output_is_and_what_it_costs(model):

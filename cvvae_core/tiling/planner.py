@@ -176,7 +176,8 @@ class MemoryEstimate:
     host memory (``host``): the host arena (``host_stores``), the disk staging ring (``staging``) and
     the result (``host_io``), and on a CPU, whose device *is* host memory, the device peak too.
     ``pinned``: the page-locked part; ``disk``: the disk arena; ``host_traffic`` / ``disk_traffic``:
-    bytes copied; ``relative_cost``: estimated time over the untiled pass's (cost model above)."""
+    bytes copied; ``relative_cost``: estimated time over the untiled pass's (cost model above);
+    ``relative_work``: multiply-adds over the untiled pass's (recomputation and halos included)."""
 
     stores: int
     work: int
@@ -190,6 +191,7 @@ class MemoryEstimate:
     host_traffic: int = 0
     disk_traffic: int = 0
     relative_cost: float = 1.0
+    relative_work: float = 1.0
     shared_memory: bool = False
 
     @property
@@ -471,8 +473,9 @@ def _halo(step: ex.Step, piece, src_shape) -> float:
 
 
 def plan_cost(prog: ex.Program, plan: Plan, sizes, elem: int, device: torch.device, input_on_host: bool,
-              output_on_host: bool) -> tuple[float, int, int]:
-    """(time relative to the untiled pass, host traffic, disk traffic) of ``plan`` (module docstring)."""
+              output_on_host: bool) -> tuple[float, float, int, int]:
+    """(time relative to the untiled pass, multiply-adds relative to it, host traffic, disk traffic) of
+    ``plan`` (module docstring)."""
     rates = RATES.get(device.type, RATES["cuda"])
     size_of = {s.name: p for s, p in zip(prog.steps, sizes)}
     whole = [tuple((0, n) for n in prog.shapes[s.out][2:]) for s in prog.steps]
@@ -515,7 +518,8 @@ def plan_cost(prog: ex.Program, plan: Plan, sizes, elem: int, device: torch.devi
     compute = (untiled - skipped + extra) / rates.macs_per_s
     seconds = (max(compute, traffic[HOST] / rates.host_bytes_per_s) + traffic[DISK] / rates.disk_bytes_per_s
                + (pieces * rates.piece_s if not plan.whole else 0))
-    return seconds / max(untiled / rates.macs_per_s, 1e-9), traffic[HOST], traffic[DISK]
+    return (seconds / max(untiled / rates.macs_per_s, 1e-9), (untiled - skipped + extra) / max(untiled, 1),
+            traffic[HOST], traffic[DISK])
 
 
 # ------------------------------------------------------------------------------------------
@@ -556,14 +560,14 @@ def estimate_program(prog: ex.Program, plan: Plan, video, elem: int, device: tor
         staging = pinned_size(staging)
     host_arena = sched.arena_bytes.get(HOST, 0)
     pinned = (host_arena + staging + host_io) if accelerated else 0
-    cost, host_traffic, disk_traffic = plan_cost(prog, plan, sizes, elem, device,
+    cost, work_ratio, host_traffic, disk_traffic = plan_cost(prog, plan, sizes, elem, device,
                                                  torch.device(input_device).type == "cpu" and accelerated,
                                                  out_dev.type == "cpu" and accelerated)
     return MemoryEstimate(stores=sched.device_held[peak], work=work[peak], io=io, host_stores=host_arena,
                           staging=staging, workspace=CUDA_WORKSPACE_BYTES if device.type == "cuda" else 0,
                           host_io=host_io, disk=sched.arena_bytes.get(DISK, 0), pinned=pinned,
                           host_traffic=host_traffic, disk_traffic=disk_traffic, relative_cost=cost,
-                          shared_memory=not accelerated)
+                          relative_work=work_ratio, shared_memory=not accelerated)
 
 
 def smaller_plan(plan: Plan, video: tuple[int, int, int], stores: frozenset[str]) -> Plan | None:

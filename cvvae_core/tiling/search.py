@@ -232,6 +232,14 @@ class _Search:
         return best
 
 
+#: Shares of the device budget the search starts from again when it finds no plan at the full budget.
+NARROWER_DEVICE_BUDGETS = (1.0, 0.75, 0.5)
+#: Automatic plans with more than this many times the untiled pass's multiply-adds are not taken: deep
+#: recomputation under tiny budgets can fit memory at thousands of times the work, which would never
+#: finish. (Piece sizes the caller gives are taken at any cost.)
+MAX_RELATIVE_WORK = 100.0
+
+
 def choose_plan(model, direction: Direction, shape, *, tile: int | None, chunk: int | None,
                 device_budget: int | None, host_budget: int | None, recompute: bool | None,
                 output_device, device: torch.device, dtype: torch.dtype | None = None,
@@ -249,33 +257,40 @@ def choose_plan(model, direction: Direction, shape, *, tile: int | None, chunk: 
                      None if disk_dir is None else disk_free(disk_dir), recompute)
     everything = frozenset(s.name for s in prog.steps if prog.free_to_recompute(s)) if recompute else frozenset()
     given = tile is not None or chunk is not None
-    if device_budget is None:
-        bases = [Plan(tile, chunk) if given else Plan(piece_bytes=pl.CPU_PIECE_BYTES)]
-    else:
-        whole = Plan()
-        if not given and not recompute and search.fits(search.estimate(whole)):
-            return whole
+    if device_budget is not None and not given and not recompute and search.fits(search.estimate(Plan())):
+        return Plan()
+
+    def bases(budget: int | None) -> list[Plan]:
         if given:
-            bases = [Plan(tile, chunk)]
-        else:
-            cap = CUDA_PIECE_BYTES if device.type == "cuda" else pl.CPU_PIECE_BYTES
-            first = int(min(cap, max(device_budget * PIECE_SHARE, 1)))
-            bases = [Plan(piece_bytes=first >> k) for k in range(PIECE_HALVINGS) if k == 0 or first >> k >= 1 << 16]
+            return [Plan(tile, chunk)]
+        if budget is None:
+            return [Plan(piece_bytes=pl.CPU_PIECE_BYTES)]
+        cap = CUDA_PIECE_BYTES if device.type == "cuda" else pl.CPU_PIECE_BYTES
+        first = int(min(cap, max(budget * PIECE_SHARE, 1)))
+        return [Plan(piece_bytes=first >> k) for k in range(PIECE_HALVINGS) if k == 0 or first >> k >= 1 << 16]
+
     best, fastest = None, None
-    for base in bases:
-        plan = search.place(replace(base, recompute=everything))
-        plan = search.relieve_host(plan)
-        plan = search.place(plan)
-        est = search.estimate(plan)
-        if search.fits(est):
-            plan = search.speed_up(plan)
+    # The search is greedy, and less room on the device changes its path: when it finds nothing, it
+    # starts again as if the device budget were smaller (what fits that fits this one).
+    for share in (1.0,) if device_budget is None or given else NARROWER_DEVICE_BUDGETS:
+        narrow = search if share == 1.0 else replace(search, device_budget=int(device_budget * share))
+        for base in bases(narrow.device_budget):
+            plan = narrow.place(replace(base, recompute=everything))
+            plan = narrow.relieve_host(plan)
+            plan = narrow.place(plan)
             est = search.estimate(plan)
-            if fastest is None or est.relative_cost < fastest[1].relative_cost:
-                fastest = (plan, est)
-            elif fastest is not None:
-                break  # smaller pieces only cost more from here
-        elif best is None or _overflow(search, est) < _overflow(search, best[1]):
-            best = (plan, est)
+            if search.fits(est):
+                plan = search.speed_up(plan)
+                est = search.estimate(plan)
+            if search.fits(est) and (given or est.relative_work <= MAX_RELATIVE_WORK):
+                if fastest is None or est.relative_cost < fastest[1].relative_cost:
+                    fastest = (plan, est)
+                elif fastest is not None:
+                    break  # smaller pieces only cost more from here
+            elif best is None or _shortfall(search, est) < _shortfall(search, best[1]):
+                best = (plan, est)
+        if fastest is not None:
+            break
     if fastest is not None:
         return fastest[0]
     plan, est = best
@@ -283,11 +298,12 @@ def choose_plan(model, direction: Direction, shape, *, tile: int | None, chunk: 
                             device_budget=device_budget, host_budget=search.host_budget)
 
 
-def _overflow(search: _Search, est: MemoryEstimate) -> float:
+def _shortfall(search: _Search, est: MemoryEstimate) -> tuple[float, float]:
+    """How far a plan is from being taken: its memory over the budgets (as shares of them), then its time."""
     over = max(0, est.host - search.host_budget) / max(1, search.host_budget)
     if search.device_budget is not None:
         over += max(0, est.total - search.device_budget) / max(1, search.device_budget)
-    return over
+    return over, est.relative_work
 
 
 def _size(nbytes: int) -> str:
@@ -301,6 +317,10 @@ def _refusal(direction: Direction, shape, search: _Search, est: MemoryEstimate) 
     advice = ("fewer frames or a smaller size, a larger memory budget, a disk folder for layer outputs "
               "(TilingOptions.disk_dir)" if search.disk_budget is None else "fewer frames or a smaller size, a "
               "larger memory budget, more free disk space")
+    if search.fits(est):
+        return (f"no exact {direction.name} plan for {list(shape)} finishes in useful time within the memory "
+                f"budgets: the least work found is {est.relative_work:.0f}x the untiled pass's (plans over "
+                f"{MAX_RELATIVE_WORK:g}x are not taken). Use {advice}, or mode='official' (its own tiles: seams).")
     return (f"no exact {direction.name} plan for {list(shape)} fits the memory budgets: the smallest found needs "
             f"{device}{_size(est.host)} of host memory (budget {_size(search.host_budget)}){disk}. "
             f"Use {advice}, or mode='official' (its own tiles: seams).")
