@@ -5,8 +5,9 @@ checkpointing, Checkmate), greedily and in a narrow beam, with the one estimate 
 :mod:`.planner`: pieces from a share of the device budget (then halves of it); the smallest stores on
 the device while the device peak fits; while host memory is over its budget, moves of the stores held
 at the host peak to disk (when a folder is named) or to recomputation; then moves that make the plan
-faster and still fit. A plan that fits no budget is refused before any work with
-:class:`~cvvae_core.errors.MemoryBudgetError`, saying what the clip needs.
+faster and still fit. When that finds nothing, it starts again from a smaller device budget. When no
+plan fits the budgets, or only plans of hopeless work (:data:`MAX_RELATIVE_WORK`), the call is
+refused before any work with :class:`~cvvae_core.errors.MemoryBudgetError`, saying what the clip needs.
 """
 from __future__ import annotations
 
@@ -299,7 +300,7 @@ def choose_plan(model, direction: Direction, shape, *, tile: int | None, chunk: 
 
 
 def _shortfall(search: _Search, est: MemoryEstimate) -> tuple[float, float]:
-    """How far a plan is from being taken: its memory over the budgets (as shares of them), then its time."""
+    """How far a plan is from being taken: its memory over the budgets (as shares of them), then its work."""
     over = max(0, est.host - search.host_budget) / max(1, search.host_budget)
     if search.device_budget is not None:
         over += max(0, est.total - search.device_budget) / max(1, search.device_budget)
