@@ -21,17 +21,13 @@ from cvvae_core.io.video import to_uint8, write_video
 ROOT = Path(__file__).resolve().parents[1]
 KEPT_BEFORE_CTRL_C = 3  # clips made durable before the interrupt arrives
 
-# The real command in a child process, paused for Ctrl-C once KEPT_BEFORE_CTRL_C clips are durable:
-# the interrupt then lands mid-run at a known point, on any machine however fast or loaded.
-PAUSED_RUN = """
-import signal, sys, time
+# Pauses encode-dataset for Ctrl-C once KEPT_BEFORE_CTRL_C clips are durable: the interrupt then
+# lands mid-run at a known point, on any machine however fast or loaded.
+PAUSE_AFTER_DURABLE_CLIPS = """
+import time
 from pathlib import Path
 import cvvae_core.data.encode as encode
-from cvvae_core.cli.main import main
-
-signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if pytest runs in the background
-
-ready, kept, append = Path(sys.argv[1]), [], encode.append_lines
+ready, kept, append = Path("ready"), [], encode.append_lines
 def append_then_pause(path, records):
     append(path, records)
     if path.name.startswith("index."):
@@ -40,7 +36,6 @@ def append_then_pause(path, records):
             ready.touch()
             time.sleep(120)
 encode.append_lines = append_then_pause
-sys.exit(main(sys.argv[2:]))
 """.format(kept=KEPT_BEFORE_CTRL_C)
 
 
@@ -63,24 +58,37 @@ def clip_ids(out: Path) -> list[str]:
     return [json.loads(line)["clip"] for line in (out / "index.jsonl").read_text().splitlines()]
 
 
-def test_ctrl_c_on_encode_dataset_keeps_the_encoded_clips_and_the_rerun_finishes(videos, tmp_path):
-    out, ready = tmp_path / "out", tmp_path / "ready"
+def start(argv: list[str], tmp_path: Path, prelude: str = "") -> subprocess.Popen:
+    """The command in a process group of its own (a terminal's Ctrl-C reaches the whole group),
+    with SIGINT handled as in a terminal even when pytest runs in the background."""
+    code = prelude + "\nimport sys\nfrom cvvae_core.cli.main import main\nsys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # A session of its own: Ctrl-C in a terminal reaches the whole group, the decoding worker too.
-    child = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(ready), *encode_args(videos, out)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def stop(child: subprocess.Popen, signum: int, ready: Path | None = None) -> str:
+    """Send ``signum`` once ``ready`` exists (at once without one); the child's stderr."""
     try:
         deadline = time.monotonic() + 120
-        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+        while ready is not None and not ready.exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert ready.exists(), child.communicate(timeout=10)
-        os.killpg(child.pid, signal.SIGINT)
-        stdout, stderr = child.communicate(timeout=60)
+        assert ready is None or ready.exists(), child.communicate(timeout=10)
+        os.killpg(child.pid, signum)
+        _, stderr = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
     assert child.returncode == INTERRUPTED, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    return stderr
+
+
+def test_ctrl_c_on_encode_dataset_keeps_the_encoded_clips_and_the_rerun_finishes(videos, tmp_path):
+    out = tmp_path / "out"
+    stderr = stop(start(encode_args(videos, out), tmp_path, PAUSE_AFTER_DURABLE_CLIPS), signal.SIGINT,
+                  tmp_path / "ready")
     last = stderr.strip().splitlines()[-1]
     assert last == (f"interrupted: {KEPT_BEFORE_CTRL_C} encoded clips are kept in {out} (its shards and index); "
                     "run the same command again to encode the rest"), stderr
@@ -138,33 +146,6 @@ def test_ctrl_c_before_the_first_training_state_says_nothing_was_kept(tmp_path, 
     assert main(["train", str(config), "--out", str(tmp_path / "run")]) == INTERRUPTED
     err = capsys.readouterr().err
     assert err.startswith("interrupted: nothing was kept") and "run the same command again" in err
-
-
-def start(argv: list[str], tmp_path: Path, prelude: str = "") -> subprocess.Popen:
-    """The command in a process group of its own (a terminal's Ctrl-C reaches the whole group),
-    with SIGINT handled as in a terminal even when pytest runs in the background."""
-    code = prelude + "\nimport sys\nfrom cvvae_core.cli.main import main\nsys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def stop(child: subprocess.Popen, signum: int, ready: Path | None = None) -> str:
-    """Send ``signum`` once ``ready`` exists (at once without one); the child's stderr."""
-    try:
-        deadline = time.monotonic() + 120
-        while ready is not None and not ready.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready is None or ready.exists(), child.communicate(timeout=10)
-        os.killpg(child.pid, signum)
-        _, stderr = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-    assert child.returncode == INTERRUPTED, stderr
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    return stderr
 
 
 def handles_sigterm(pid: int) -> bool:
